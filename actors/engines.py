@@ -1,0 +1,296 @@
+"""Sampling engines behind ``actors.sampler.Sampler``: vLLM and a transformers + PEFT fallback.
+
+Both take chat-formatted prompt token ids and return, per prompt, ``n`` pairs of
+(sampled token ids, raw temperature-1 log-prob of each). EOS cutting, text decoding and version
+bookkeeping live in ``Sampler`` so the engines stay small and interchangeable. Model libraries are
+imported inside methods: importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from actors.sampler import preserved_global_rng
+
+RawSample = tuple[list[int], list[float]]
+DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024 * 1024  # ~11k tokens of SmolLM2-135M KV in float32
+
+
+def _eos_ids(tokenizer: Any, model_path: str) -> frozenset[int]:
+    """EOS ids from the tokenizer and generation_config.json (which may list several)."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    gen_cfg = Path(model_path) / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    if not ids:
+        raise ValueError(f"no EOS token id known for {model_path}")
+    return frozenset(ids)
+
+
+class VllmEngine:
+    """vLLM ``LLM`` in-process, LoRA enabled, raw (temperature-1) log-probs."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        max_lora_rank: int,
+        max_loaded_adapters: int,
+        max_model_len: int,
+        seed: int,
+        dtype: str,
+        cpu_threads: int | None,
+        gpu_memory_utilization: float,
+        kv_cache_bytes: int | None,
+        enforce_eager: bool | None,
+    ) -> None:
+        # In-process engine core: no extra processes to place or to leak, and on CPU the only mode
+        # that works reliably inside a Ray actor. Must be set before vLLM reads its env.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        import torch
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        if on_cpu:
+            if cpu_threads:
+                # In-process, vLLM-CPU keeps the torch thread count it finds here (and then blocks
+                # torch.set_num_threads); VLLM_CPU_OMP_THREADS_BIND only applies to its
+                # multiprocess executor. Inside a Ray actor OMP_NUM_THREADS = the actor's num_cpus.
+                torch.set_num_threads(cpu_threads)
+            if kv_cache_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
+        self._path = model_path
+        kwargs: dict[str, Any] = {
+            "dtype": dtype,
+            "seed": seed,
+            "max_model_len": max_model_len,
+            "enable_lora": True,
+            "max_lora_rank": max_lora_rank,
+            "max_loras": max_loaded_adapters,
+            # One spare CPU slot: a new version loads before the oldest is evicted.
+            "max_cpu_loras": max_loaded_adapters + 1,
+            "logprobs_mode": "raw_logprobs",
+            "gpu_memory_utilization": gpu_memory_utilization,
+            # torch.compile on a 2-core CPU costs minutes; eager is the sane CPU default.
+            "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
+        }
+        if kv_cache_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
+        with preserved_global_rng():  # LLM(seed=) reseeds the caller's global RNGs in-process
+            self.llm = LLM(model_path, **kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.eos_ids = _eos_ids(self.tokenizer, model_path)
+        self._lora: dict[int, Any] = {}  # version -> LoRARequest
+
+    def add_adapter(self, version: int, name: str, path: str) -> None:
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(lora_name=name, lora_int_id=version, lora_path=path)
+        with preserved_global_rng():
+            self.llm.llm_engine.add_lora(request)
+        if version not in self.llm.llm_engine.list_loras():
+            raise RuntimeError(f"vLLM did not load adapter {name} (id {version}) from {path}")
+        self._lora[version] = request
+
+    def remove_adapter(self, version: int, name: str) -> None:
+        self.llm.llm_engine.remove_lora(version)
+        self._lora.pop(version, None)
+
+    def _request(self, version: int) -> Any:
+        return self._lora[version] if version else None
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seeds: list[int],
+        version: int,
+        name: str | None,
+    ) -> list[list[RawSample]]:
+        from vllm import SamplingParams
+
+        greedy = temperature == 0  # vLLM refuses n > 1 for greedy: sample once, repeat
+        params = [
+            SamplingParams(
+                n=1 if greedy else n,
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seed,  # child j of the request gets seed + j (vLLM's parallel sampling)
+                logprobs=0,  # 0 = only the sampled token's log-prob
+                detokenize=False,  # the Sampler decodes after cutting at EOS
+            )
+            for seed in seeds
+        ]
+        prompts = [{"prompt_token_ids": ids} for ids in prompt_ids]
+        with preserved_global_rng():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._request(version))
+        result: list[list[RawSample]] = []
+        for out in outputs:
+            row: list[RawSample] = []
+            for sample in sorted(out.outputs, key=lambda o: o.index):
+                ids = [int(t) for t in sample.token_ids]
+                lps = [float(sample.logprobs[pos][tok].logprob) for pos, tok in enumerate(ids)]
+                row.append((ids, lps))
+            result.append(row * n if greedy else row)
+        return result
+
+    def score(
+        self, prompt_ids: list[int], completion_ids: list[int], *, version: int, name: str | None
+    ) -> list[float]:
+        """Raw log-probs of ``completion_ids`` after ``prompt_ids`` via ``prompt_logprobs``."""
+        from vllm import SamplingParams
+
+        # prompt_logprobs=0 returns the log-prob of each actual prompt token; vLLM skips the
+        # prefix cache for such requests, so every position is really computed.
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        full = list(prompt_ids) + list(completion_ids)
+        with preserved_global_rng():
+            out = self.llm.generate(
+                [{"prompt_token_ids": full}], params, use_tqdm=False, lora_request=self._request(version)
+            )[0]
+        entries = out.prompt_logprobs[len(prompt_ids) :]
+        return [float(entry[tok].logprob) for entry, tok in zip(entries, completion_ids, strict=True)]
+
+    def close(self) -> None:
+        del self.llm
+        gc.collect()
+        try:
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception:  # best-effort cleanup of an in-process engine
+            pass
+
+
+class TransformersEngine:
+    """``model.generate`` + PEFT adapters; slower than vLLM but needs nothing beyond transformers."""
+
+    def __init__(self, model_path: str, *, dtype: str, cpu_threads: int | None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+        self.model.to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.eos_ids = _eos_ids(self.tokenizer, model_path)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
+        self.peft: Any = None  # PeftModel once the first adapter arrives
+
+    def add_adapter(self, version: int, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.model, path, adapter_name=name, is_trainable=False)
+        else:
+            self.peft.load_adapter(path, adapter_name=name, is_trainable=False)
+        self.peft.eval()
+
+    def remove_adapter(self, version: int, name: str) -> None:
+        self.peft.delete_adapter(name)
+
+    @contextmanager
+    def _using(self, version: int, name: str | None) -> Iterator[Any]:
+        """The module to run for ``version``: base (adapters disabled) or one named adapter."""
+        if self.peft is None:
+            if version:
+                raise KeyError(f"adapter version {version} is not loaded")
+            yield self.model
+        elif version == 0:
+            with self.peft.disable_adapter():
+                yield self.peft
+        else:
+            self.peft.set_adapter(name, inference_mode=True)
+            yield self.peft
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int,
+        seeds: list[int],
+        version: int,
+        name: str | None,
+    ) -> list[list[RawSample]]:
+        import torch
+        from transformers import GenerationConfig
+
+        greedy = temperature == 0
+        gen = GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else temperature,
+            top_p=None if greedy else top_p,
+            top_k=None if greedy else top_k,  # 0 disables top-k; HF's own default would be 50
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=1 if greedy else n,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+            return_dict_in_generate=True,
+            output_logits=True,  # raw logits, before temperature/top-k/top-p (unlike `scores`)
+        )
+        result: list[list[RawSample]] = []
+        with torch.inference_mode(), self._using(version, name) as model:
+            for ids, seed in zip(prompt_ids, seeds, strict=True):
+                input_ids = torch.tensor([ids], device=self.device)
+                # generate() has no generator argument: seed the global RNG per prompt and put the
+                # caller's state back afterwards.
+                with preserved_global_rng():
+                    torch.manual_seed(seed)
+                    out = model.generate(
+                        input_ids=input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        generation_config=gen,
+                    )
+                new = out.sequences[:, len(ids) :]
+                logp = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1)
+                chosen = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+                row = [
+                    ([int(t) for t in new[k].tolist()], [float(x) for x in chosen[k].tolist()])
+                    for k in range(new.shape[0])
+                ]
+                result.append(row * n if greedy else row)
+        return result
+
+    def score(
+        self, prompt_ids: list[int], completion_ids: list[int], *, version: int, name: str | None
+    ) -> list[float]:
+        import torch
+
+        full = torch.tensor([list(prompt_ids) + list(completion_ids)], device=self.device)
+        with torch.inference_mode(), self._using(version, name) as model:
+            logits = model(input_ids=full).logits[0, len(prompt_ids) - 1 : -1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        target = torch.tensor(completion_ids, device=self.device)
+        return [float(x) for x in logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).tolist()]
+
+    def close(self) -> None:
+        self.peft = None
+        del self.model
+        gc.collect()

@@ -1,0 +1,69 @@
+"""Checkpoints written atomically: a half-written checkpoint is never used.
+
+A checkpoint is a folder ``checkpoints/step_000012/`` holding the learner state (adapter,
+optimizer, version, RNG; a torch file loaded with ``weights_only=True``), the adapter in PEFT
+format, and ``driver.json`` (step, counters). It is built under a temporary name and renamed into
+place once complete, with a ``COMPLETE`` marker written last; readers ignore folders without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+MARKER = "COMPLETE"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def save_checkpoint(root: Path, step: int, learner_state: bytes, adapter_files: dict[str, bytes],
+                    driver_state: dict, keep: int = 3) -> Path:
+    final = root / f"step_{step:06d}"
+    tmp = root / f".tmp-step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "adapter").mkdir(parents=True)
+    _write(tmp / "learner_state.pt", learner_state)
+    for name, blob in adapter_files.items():
+        _write(tmp / "adapter" / name, blob)
+    _write(tmp / "driver.json", json.dumps(driver_state, indent=1).encode())
+    _write(tmp / MARKER, b"")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> tuple[bytes, dict[str, bytes], dict]:
+    adapter = {p.name: p.read_bytes() for p in (path / "adapter").iterdir() if p.is_file()}
+    return (path / "learner_state.pt").read_bytes(), adapter, json.loads((path / "driver.json").read_text())

@@ -1,0 +1,100 @@
+"""``brainloop`` command line: score a text, summarise a run (eval and report live in their modules)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from brainloop.driver import summarize
+    from brainloop.rollout_log import RunFiles
+
+    run = Path(args.run_dir)
+    steps = [m for m in RunFiles(run).read_metrics() if "reward_mean" in m]
+    if not steps:
+        print(f"no steps recorded in {run}", file=sys.stderr)
+        return 1
+    s = summarize(steps)
+    lines = [
+        f"run directory      {run}",
+        f"steps              {s['steps']}",
+        f"reward first {s['window']:>2}    {s['reward_first']:.5f} ± {s['reward_first_se']:.5f} (mean ± s.e.)",
+        f"reward last {s['window']:>2}     {s['reward_last']:.5f} ± {s['reward_last_se']:.5f}",
+        f"gain               {s['reward_gain']:+.5f} ({s['reward_gain_z']:.2f} standard errors)",
+        f"best reward        {s['best_reward']:.5f}",
+        f"KL last step       {s['kl_per_token_last']:.4f} nats/token, {s['kl_per_sequence_last']:.3f} nats/sequence",
+        f"mean tokens        {s['mean_tokens_first']:.1f} -> {s['mean_tokens_last']:.1f}",
+        f"distinct-2         {s['distinct_2_first']:.3f} -> {s['distinct_2_last']:.3f}",
+        f"seconds per step   {s['seconds_per_step']:.1f} (median)",
+        f"final adapter      {run / 'final_adapter'}",
+    ]
+    if args.dashboard:
+        lines.append(f"dashboard          {args.dashboard}")
+    print("\n".join(lines))
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from brainloop.config import load_config
+    from brainloop.rois import ROI_NAMES, SUMMARY_NAMES
+    from reward_workers.pipeline import build_pipeline
+
+    text = Path(args.file).read_text() if args.file else args.text
+    if text is None:
+        print("give a text or --file", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config)
+    pipeline = build_pipeline(cfg.reward.pipeline.model_dump(), cfg.reward.spec, use_cache=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = pipeline.score(text, prediction_dir=str(out))
+    if not result.ok:
+        print(f"{result.status}: {result.error}", file=sys.stderr)
+        return 1
+    print(f"reward ({cfg.reward.spec.describe()}): {result.reward:.6f}")
+    if not result.encoder_trained:
+        print("NOTE: untrained embedded encoder (seeded random weights): numbers test the machinery, not the brain")
+    print(f"{'region':<22}{'mean':>12}")
+    for name in (*ROI_NAMES, *SUMMARY_NAMES):
+        print(f"{name:<22}{result.roi[name]:>12.6f}")
+    print("timings: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()))
+    if result.prediction_path:
+        import numpy as np
+
+        from brainloop.plots import surface_figure
+
+        prediction = np.load(result.prediction_path)
+        png = out / "surface.png"
+        surface_figure(prediction.mean(axis=0), png, title=f"predicted response (time mean): {text[:60]!r}")
+        print(f"prediction {result.prediction_path} ({prediction.shape[0]} TRs); surface map {png}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.__dict__, indent=1))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="brainloop")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("summary", help="print a run's summary")
+    p.add_argument("run_dir")
+    p.add_argument("--dashboard", default=None)
+    p.set_defaults(func=_cmd_summary)
+
+    p = sub.add_parser("score", help="predicted cortical response of a text: ROI table and surface map")
+    p.add_argument("text", nargs="?")
+    p.add_argument("--file")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--out", default="brainloop-score")
+    p.add_argument("--json", help="also write the result as JSON here")
+    p.set_defaults(func=_cmd_score)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The run configuration: one YAML file, validated before any actor starts.
+
+Every section forbids unknown keys, so a typo is an error naming the field rather than a silently
+ignored setting. Paths are resolved relative to the config file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from brainloop.reward_spec import RewardSpec
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunConfig(Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    steps: int = Field(20, ge=1)
+    checkpoint_every: int = Field(5, ge=1)
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: float = 32.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj", "o_proj", "down_proj"])
+
+
+class PolicyConfig(Section):
+    model: str = "pkg:smollm2-135m-instruct"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class PromptsConfig(Section):
+    file: str = "configs/prompts.jsonl"
+    prompts_per_step: int = Field(2, ge=1)
+
+
+class SamplerConfig(Section):
+    engine: Literal["vllm", "transformers"] = "vllm"
+    num_completions: int = Field(4, ge=2)  # a group needs two samples for an advantage
+    max_new_tokens: int = Field(64, ge=1)
+    temperature_start: float = Field(1.0, gt=0.0)
+    temperature_end: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0 = no top-k filter (HF generate's default of 50 is not the reference)
+    max_loaded_adapters: int = Field(2, ge=1)
+    max_model_len: int = Field(1024, ge=64)
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict)  # custom resources, e.g. {"policy_node": 0.01}
+    cpu_threads: int | None = None
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+
+
+class LearnerConfig(Section):
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    warmup_steps: int = Field(5, ge=0)
+    min_lr_ratio: float = Field(0.05, ge=0.0, le=1.0)
+    grad_clip: float = Field(0.5, gt=0.0)
+    kl_coef: float = Field(0.1, ge=0.0)
+    micro_batch_size: int = Field(4, ge=1)
+    num_cpus: float = Field(1.0, ge=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    cpu_threads: int | None = None
+
+
+class AlgoConfig(Section):
+    max_staleness: int = Field(0, ge=0)
+    importance_cap: float = Field(2.0, gt=0.0)
+
+
+class ProbeConfig(Section):
+    prompt: str = "Describe what you hear when someone reads a poem aloud."
+    completion: str = "I hear a voice that rises and falls with the rhythm of the words."
+    tolerance: float = Field(0.05, gt=0.0)  # max |log p_sampler - log p_learner| per token
+    min_adapter_effect: float = Field(1e-4, ge=0.0)  # max |log p_adapter - log p_base| must exceed this
+
+
+class EncoderConfig(Section):
+    # "embedded": our FmriEncoder at a small size with seeded random weights (untrained!).
+    # "official": the released architecture loaded strictly from a checkpoint (best.ckpt / safetensors).
+    kind: Literal["embedded", "official"] = "embedded"
+    config: str | None = None  # TRIBE config JSON (fixture format); required for "official"
+    weights: str | None = None
+    hidden: int = 128
+    depth: int = 2
+    heads: int = 4
+    low_rank_head: int = 32
+    seed: int = 1234
+
+
+class PipelineConfig(Section):
+    backend: Literal["brainloop", "tribev2"] = "brainloop"
+    tribev2_checkpoint: str = "facebook/tribev2"
+    tts: Literal["espeak", "gtts", "piper"] = "espeak"
+    tts_voice: str = "en-us"
+    word_timing: Literal["tts", "asr", "whisperx"] = "tts"
+    asr_model: str = "tiny.en"
+    text_model: str = "pkg:smollm2-135m-instruct"
+    audio_model: str = "embedded:small"
+    max_context_words: int = Field(1024, ge=1)
+    # Text layer groups: None = DESIGN.md §2 (group means of hs[14:21], hs[21:29] for Llama-3.2-3B).
+    # neuralset can first sub-select `cache_n_layers` evenly spaced hidden states; set this (20 is what
+    # third-party notes quote for the released config) once the tribev2 oracle confirms it on a cluster.
+    text_cache_n_layers: int | None = None
+    max_chars: int = Field(1500, ge=1)  # ~250 words, ~80 s of speech; longer text is cut at a word
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    device: str = "cpu"
+    torch_threads: int | None = 1
+    save_predictions: bool = False
+
+
+class RewardConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    num_cpus_per_worker: float = Field(1.0, ge=0.0)
+    gpus_per_worker: float = Field(0.0, ge=0.0)
+    resources: dict[str, float] = Field(default_factory=dict)  # e.g. {"reward_node": 0.01} (ray_cluster.yaml)
+    timeout_s: float = Field(300.0, gt=0.0)
+    max_attempts: int = Field(3, ge=1)
+    # What an unscoreable completion (empty, emoji only, ...) receives: "exclude" leaves it out of
+    # the update (recorded as such); a number gives it that reward.
+    unspeakable_reward: Literal["exclude"] | float = "exclude"
+    cache: bool = True
+    spec: RewardSpec = Field(default_factory=RewardSpec)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.policy.lora.r > 64:
+            raise ValueError("policy.lora.r above 64 is not supported by the vLLM LoRA kernels")
+        if self.reward.pipeline.encoder.kind == "official" and not (
+            self.reward.pipeline.encoder.config and self.reward.pipeline.encoder.weights
+        ):
+            raise ValueError("reward.pipeline.encoder: kind 'official' needs both 'config' and 'weights'")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used, with the offending field named."""
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def resolve(p: str | None) -> str | None:
+        if p is None or "://" in p or p.startswith("pkg:") or p.startswith("embedded:"):
+            return p
+        path = Path(p).expanduser()
+        for candidate in (path, base / path):  # the working directory first, then the config's folder
+            if candidate.exists():
+                return str(candidate.resolve())
+        return p
+
+    cfg.prompts.file = resolve(cfg.prompts.file) or cfg.prompts.file
+    enc = cfg.reward.pipeline.encoder
+    enc.config, enc.weights = resolve(enc.config), resolve(enc.weights)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> Config:
+    """Read and validate a YAML config; ``overrides`` is a nested dict merged on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    raw = _merge(raw, overrides or {})
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+    return _resolve_paths(cfg, path.resolve().parent)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` (value parsed as YAML) -> {"a": {"b": {"c": value}}}."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    key, value = text.split("=", 1)
+    node: dict = {}
+    out = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node[part] = {}
+        node = node[part]
+    node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

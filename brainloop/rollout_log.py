@@ -1,0 +1,95 @@
+"""The run's records on disk: rollouts as Parquet, one file per step, and per-step metrics.
+
+One file per step makes a step's rows appear atomically (written to a temporary name, then
+renamed) and makes resume exact: files of steps after the checkpoint are removed, so no row is
+duplicated or lost. ``pandas.read_parquet(run/"rollouts")``, ``ray.data.read_parquet`` and DuckDB's
+``read_parquet('run/rollouts/*.parquet')`` all read the folder as one table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from brainloop.rois import ROI_NAMES, SUMMARY_NAMES
+
+ROI_COLUMNS = [f"roi_{name}" for name in (*ROI_NAMES, *SUMMARY_NAMES)]
+
+ROLLOUT_SCHEMA = pa.schema(
+    [
+        ("step", pa.int32()),
+        ("prompt_index", pa.int32()),  # position of the prompt within the step
+        ("sample_index", pa.int32()),  # position of the completion within its group
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("completion", pa.string()),
+        ("num_tokens", pa.int32()),
+        ("finish_reason", pa.string()),
+        ("adapter_version", pa.int32()),
+        ("learner_version", pa.int32()),  # the adapter version the update was applied to
+        ("temperature", pa.float32()),
+        ("status", pa.string()),  # ok | unspeakable | failed
+        ("error", pa.string()),
+        ("reward", pa.float64()),
+        ("advantage", pa.float64()),
+        ("used_in_update", pa.bool_()),
+        *[(col, pa.float64()) for col in ROI_COLUMNS],
+        ("n_words", pa.int32()),
+        ("n_trs", pa.int32()),
+        ("audio_seconds", pa.float32()),
+        ("reward_worker", pa.string()),
+        ("reward_attempts", pa.int32()),
+        ("cache_hit", pa.bool_()),
+        ("encoder_trained", pa.bool_()),
+        ("timings_json", pa.string()),  # seconds per pipeline stage
+        ("sampled_at", pa.float64()),  # unix time the completion was returned by the sampler
+        ("scored_at", pa.float64()),  # unix time its reward arrived at the driver
+        ("updated_at", pa.float64()),  # unix time the update using it finished
+    ]
+)
+
+
+class RunFiles:
+    def __init__(self, run_dir: str | Path) -> None:
+        self.root = Path(run_dir)
+        self.rollouts = self.root / "rollouts"
+        self.checkpoints = self.root / "checkpoints"
+        self.metrics = self.root / "metrics.jsonl"
+        for d in (self.rollouts, self.checkpoints):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def rollout_file(self, step: int) -> Path:
+        return self.rollouts / f"step_{step:06d}.parquet"
+
+    def write_rollouts(self, step: int, rows: list[dict]) -> None:
+        table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
+        final = self.rollout_file(step)
+        tmp = final.with_suffix(".parquet.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, final)
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, last_step: int) -> None:
+        """Forget everything recorded after ``last_step`` (the checkpoint a resume starts from)."""
+        for path in self.rollouts.glob("step_*.parquet*"):
+            step = int(path.name.split("_")[1].split(".")[0])
+            if step > last_step or path.name.endswith(".tmp"):
+                path.unlink()
+        kept = [m for m in self.read_metrics() if m.get("step", -1) <= last_step]
+        tmp = self.metrics.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        os.replace(tmp, self.metrics)

@@ -1,0 +1,147 @@
+"""A pool of reward-worker actors that streams scores back as each text finishes.
+
+The reward is the loop's bottleneck, so texts are scored one per task, as soon as they exist, on
+whichever worker has room (a bounded number in flight per worker). Results come back through the
+object store in completion order (``ray.wait``). A call that takes longer than ``timeout_s`` is
+cancelled and retried on another worker; a worker that dies mid-call has its text resubmitted;
+after ``max_attempts`` the text is recorded as failed. Scoring is idempotent (content-addressed
+cache in the worker), so a retry never double-counts: each submitted key yields exactly one result.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
+
+import ray
+from ray.exceptions import GetTimeoutError, RayError
+
+from brainloop.types import ScoreResult
+
+
+@dataclass
+class _Job:
+    key: Hashable
+    text: str
+    attempt: int = 1
+    worker: int = -1
+    started: float = 0.0
+    errors: tuple[str, ...] = ()
+
+
+class RewardPool:
+    def __init__(
+        self,
+        make_worker: Callable[[int], ray.actor.ActorHandle],
+        num_workers: int,
+        timeout_s: float,
+        max_attempts: int,
+        max_in_flight_per_worker: int = 2,
+    ) -> None:
+        self._make_worker = make_worker
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.per_worker = max_in_flight_per_worker
+        self.workers: dict[int, ray.actor.ActorHandle] = {}
+        self._next_index = 0
+        self._queue: deque[_Job] = deque()
+        self._in_flight: dict[ray.ObjectRef, _Job] = {}
+        self._done: list[tuple[Hashable, ScoreResult]] = []
+        self.busy_seconds: dict[int, float] = {}
+        self.resize(num_workers)
+
+    # ---- membership -------------------------------------------------------------------------
+    def resize(self, num_workers: int) -> None:
+        """Add or retire workers; a retired worker's in-flight texts finish or are retried."""
+        while len(self.workers) < num_workers:
+            index = self._next_index
+            self._next_index += 1
+            self.workers[index] = self._make_worker(index)
+            self.busy_seconds[index] = 0.0
+        while len(self.workers) > num_workers:
+            index = max(self.workers)
+            self.workers.pop(index)
+
+    def ready(self, timeout_s: float = 600.0) -> None:
+        """Block until every worker has loaded its models (surfaces load errors early)."""
+        ray.get([w.ping.remote() for w in self.workers.values()], timeout=timeout_s)
+
+    # ---- submission and streaming ---------------------------------------------------------------
+    def submit(self, key: Hashable, text: str) -> None:
+        self._queue.append(_Job(key, text))
+        self._dispatch()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def pending(self) -> int:
+        return len(self._queue) + len(self._in_flight) + len(self._done)
+
+    def _load(self, index: int) -> int:
+        return sum(1 for job in self._in_flight.values() if job.worker == index)
+
+    def _dispatch(self) -> None:
+        while self._queue and self.workers:
+            index = min(self.workers, key=self._load)
+            if self._load(index) >= self.per_worker:
+                return
+            job = self._queue.popleft()
+            job.worker, job.started = index, time.monotonic()
+            self._in_flight[self.workers[index].score.remote(job.text)] = job
+
+    def _retry_or_fail(self, job: _Job, reason: str) -> None:
+        job.errors = (*job.errors, reason)
+        if job.attempt >= self.max_attempts:
+            self._done.append((job.key, ScoreResult(
+                status="failed", error=f"gave up after {job.attempt} attempts: " + " | ".join(job.errors),
+                attempts=job.attempt)))
+            return
+        job.attempt += 1
+        self._queue.appendleft(job)
+
+    def poll(self, timeout_s: float = 0.0) -> list[tuple[Hashable, ScoreResult]]:
+        """Results finished so far (waiting up to ``timeout_s`` for the first one)."""
+        self._dispatch()
+        if self._in_flight and not self._done:
+            ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=timeout_s)
+            ready, _ = ray.wait(list(self._in_flight), num_returns=len(self._in_flight), timeout=0)
+            now = time.monotonic()
+            for ref in ready:
+                job = self._in_flight.pop(ref)
+                self.busy_seconds[job.worker] = self.busy_seconds.get(job.worker, 0.0) + now - job.started
+                try:
+                    result: ScoreResult = ray.get(ref, timeout=self.timeout_s)
+                except (RayError, GetTimeoutError) as exc:  # worker died, task raised, or cancelled
+                    self._retry_or_fail(job, f"{type(exc).__name__} on worker {job.worker}: {str(exc)[:300]}")
+                    continue
+                result.attempts = job.attempt
+                self._done.append((job.key, result))
+            for ref, job in list(self._in_flight.items()):
+                if now - job.started > self.timeout_s:
+                    self._in_flight.pop(ref)
+                    ray.cancel(ref, force=False)
+                    self._retry_or_fail(job, f"timeout after {self.timeout_s:.0f}s on worker {job.worker}")
+            self._dispatch()
+        done, self._done = self._done, []
+        return done
+
+    def results(self, timeout_s: float = 1.0) -> Iterator[tuple[Hashable, ScoreResult]]:
+        """Yield every pending result as it completes, until nothing is left."""
+        while self.pending():
+            yield from self.poll(timeout_s)
+
+    def close(self) -> None:
+        for ref in list(self._in_flight):
+            ray.cancel(ref, force=False)
+        self._in_flight.clear()
+        for worker in self.workers.values():
+            ray.kill(worker)
+        self.workers.clear()
+

@@ -1,0 +1,34 @@
+"""The reward-worker actor: one TRIBE pipeline, loaded once, scoring texts on request.
+
+The driver creates ``ray.remote(RewardWorker)`` actors named ``reward-worker-k`` with
+``max_restarts=-1``: a worker that dies is restarted by Ray, and the pool resubmits its texts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from brainloop.types import ScoreResult
+
+
+class RewardWorker:
+    def __init__(self, pipeline: dict, spec: dict, name: str, use_cache: bool = True,
+                 prediction_dir: str | None = None) -> None:
+        from reward_workers.pipeline import build_pipeline
+
+        self.name = name
+        self.prediction_dir = prediction_dir
+        self.pipeline = build_pipeline(pipeline, spec, use_cache=use_cache)
+
+    def ping(self) -> dict:
+        return {"name": self.name, "pid": os.getpid(), "host": socket.gethostname(),
+                "encoder_trained": self.pipeline.encoder_trained}
+
+    def score(self, text: str) -> ScoreResult:
+        result = self.pipeline.score(text, self.prediction_dir)
+        result.worker = self.name
+        return result
+
+    def score_batch(self, texts: list[str]) -> list[ScoreResult]:
+        return [self.score(text) for text in texts]

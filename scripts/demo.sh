@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The main job on the embedded default, from a fresh clone: set-up, a local Ray head (token auth,
+# dashboard on 127.0.0.1:8265), `ray job submit` of configs/demo.yaml, logs followed, summary printed.
+#   bash scripts/demo.sh                      # 20 steps
+#   bash scripts/demo.sh --set run.steps=60   # the longer learning run quoted in the README
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. "${BRAINLOOP_VENV:-.venv}/bin/activate"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_AUTH_MODE=token
+if [ -z "${NILEARN_DATA:-}" ] && [ -d ../shared/nilearn_data ]; then
+  export NILEARN_DATA=$(cd ../shared/nilearn_data && pwd)  # offline copy of the Destrieux atlas
+fi
+CONFIG=${BRAINLOOP_CONFIG:-configs/demo.yaml}
+RUN_DIR=${BRAINLOOP_RUN_DIR:-$PWD/runs/demo-$(date +%Y%m%d-%H%M%S)}
+python -m brainloop.job --config "$CONFIG" --validate-only "$@"
+bash scripts/ray_local.sh start
+DASHBOARD=http://127.0.0.1:${BRAINLOOP_DASHBOARD_PORT:-8265}
+ENV_JSON=$(python -c "import json, os; print(json.dumps({'env_vars': {k: os.environ[k] for k in
+  ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'NILEARN_DATA', 'BRAINLOOP_CACHE') if k in os.environ}}))")
+ray job submit --address "$DASHBOARD" --submission-id "brainloop-$(basename "$RUN_DIR")" \
+  --runtime-env-json "$ENV_JSON" -- \
+  python -m brainloop.job --config "$PWD/$CONFIG" --run-dir "$RUN_DIR" "$@"
+python -m brainloop.cli summary "$RUN_DIR" --dashboard "$DASHBOARD"

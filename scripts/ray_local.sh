@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Start (or reuse) the local Ray head of the embedded default: token auth on, dashboard and job
+# server bound to 127.0.0.1 only. `scripts/ray_local.sh stop` stops the Ray processes of THIS
+# head only (plain `ray stop` would stop every Ray process on the machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. "${BRAINLOOP_VENV:-.venv}/bin/activate"
+export RAY_AUTH_MODE=token
+GCS_PORT=${BRAINLOOP_RAY_PORT:-6390}
+DASHBOARD_PORT=${BRAINLOOP_DASHBOARD_PORT:-8265}
+NUM_CPUS=${BRAINLOOP_RAY_CPUS:-4}  # logical CPUs: sampler 1, learner 1, two reward workers 1 each
+case "${1:-start}" in
+  start)
+    ray get-auth-token --generate >/dev/null
+    if ray status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; then
+      echo "[ray] reusing the head at 127.0.0.1:$GCS_PORT"
+    else
+      ray start --head --node-ip-address 127.0.0.1 --port "$GCS_PORT" --num-cpus "$NUM_CPUS" \
+        --include-dashboard true --dashboard-host "${BRAINLOOP_DASHBOARD_HOST:-127.0.0.1}" --dashboard-port "$DASHBOARD_PORT" \
+        --disable-usage-stats >/dev/null
+      echo "[ray] head started: dashboard http://127.0.0.1:$DASHBOARD_PORT (token auth on)"
+    fi
+    ;;
+  stop)
+    python - "$GCS_PORT" <<'PY'
+import os, signal, sys, psutil
+port = sys.argv[1]
+mine = []
+for proc in psutil.process_iter(["pid", "cmdline"]):
+    cmd = " ".join(proc.info["cmdline"] or [])
+    if f"127.0.0.1:{port}" in cmd or f"--port={port}" in cmd or f"--gcs_server_port={port}" in cmd:
+        mine.append(proc)
+for proc in mine:
+    for child in proc.children(recursive=True):
+        child.kill()
+    proc.kill()
+print(f"[ray] stopped {len(mine)} processes of the head on port {port}")
+PY
+    ;;
+  *) echo "usage: $0 [start|stop]" >&2; exit 2 ;;
+esac
