@@ -32,6 +32,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -62,6 +63,8 @@ class Completion:
     finish_reason: str  # "stop" (EOS) | "length" (max_new_tokens reached)
     adapter_version: int  # 0 = base model
     prompt_token_ids: list[int] = field(default_factory=list)  # the chat-formatted prompt the learner conditions on
+    started_at: float = 0.0  # unix time the generate call started / finished in the sampler
+    finished_at: float = 0.0
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -370,6 +373,7 @@ class Sampler:
             raise ValueError("max_new_tokens must be >= 1")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise ValueError(f"bad sampling parameters temperature={temperature} top_p={top_p} top_k={top_k}")
+        started_at = time.time()
         used = self._resolve_version(version)
         prompt_ids = [self.format_prompt(p) for p in prompts]
         for ids in prompt_ids:
@@ -397,8 +401,12 @@ class Sampler:
                 ids, lps, finish = cut_at_eos(ids, lps, self.eos_ids, max_new_tokens)
                 text_ids = [t for t in ids if t not in self.eos_ids]
                 text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-                row.append(Completion(i, j, text, ids, lps, finish, used, prompt_ids[i]))
+                row.append(Completion(i, j, text, ids, lps, finish, used, prompt_ids[i], started_at))
             results.append(row)
+        finished_at = time.time()
+        for row in results:
+            for completion in row:
+                completion.finished_at = finished_at
         return results
 
     def score(self, prompt: str, completion_token_ids: list[int], version: int | None) -> list[float]:

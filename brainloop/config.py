@@ -149,6 +149,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
+        if self.sampler.max_loaded_adapters < self.algo.max_staleness + 1:
+            raise ValueError(f"sampler.max_loaded_adapters must be at least algo.max_staleness + 1 = "
+                             f"{self.algo.max_staleness + 1}: the sampler serves that many versions at once")
         if self.policy.lora.r > 64:
             raise ValueError("policy.lora.r above 64 is not supported by the vLLM LoRA kernels")
         if self.reward.pipeline.encoder.kind == "official" and not (

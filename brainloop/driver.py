@@ -147,7 +147,8 @@ class Loop:
         self.pool = RewardPool(make_worker, reward.num_workers, reward.timeout_s, reward.max_attempts)
         self.pool.ready()
         ray.get(self.learner.info.remote())
-        self.latest_adapter = None  # ObjectRef of the newest exported adapter files
+        self.latest_adapter = None  # (version, ObjectRef of the newest exported adapter files)
+        self.sampler_restarts = 0
 
     def _prepare_probe(self) -> None:
         from transformers import AutoTokenizer
@@ -167,8 +168,21 @@ class Loop:
 
     def _resolve_probe(self, pending: tuple[int, ray.ObjectRef, ray.ObjectRef]) -> ProbeResult:
         version, sampler_ref, learner_ref = pending
-        return check_probe(version, ray.get(sampler_ref), ray.get(learner_ref), self.probe_base,
+        try:
+            sampler_lp = ray.get(sampler_ref)
+        except RayActorError:  # the sampler died after the push: restore it, then probe again
+            self._restore_sampler()
+            sampler_lp = ray.get(self.sampler.score.remote(self.cfg.probe.prompt, self.probe_completion_ids, version))
+        return check_probe(version, sampler_lp, ray.get(learner_ref), self.probe_base,
                            self.cfg.probe.tolerance, self.cfg.probe.min_adapter_effect)
+
+    def _restore_sampler(self) -> None:
+        """Wait for Ray to restart a dead sampler, then load the newest adapter into it."""
+        self._wait_for_sampler()
+        if self.latest_adapter is not None and self.latest_adapter[0] not in ray.get(
+                self.sampler.loaded_versions.remote()):
+            ray.get(self.sampler.load_adapter.remote(*self.latest_adapter))
+        self.sampler_restarts += 1
 
     def _push_adapter(self, version: int, adapter_ref: ray.ObjectRef) -> None:
         self.latest_adapter = (version, adapter_ref)
@@ -194,10 +208,9 @@ class Loop:
             except RayActorError as exc:
                 print(f"[brainloop] sampler died during step {pending.step} ({type(exc).__name__}); "
                       "waiting for the restart and reloading the latest adapter", flush=True)
-                self._wait_for_sampler()
-                if self.latest_adapter is not None:
-                    ray.get(self.sampler.load_adapter.remote(*self.latest_adapter))
-                pending.ref = self._launch_generation(pending.step).ref
+                self._restore_sampler()
+                relaunched = self._launch_generation(pending.step)
+                pending.ref, pending.launched_at = relaunched.ref, relaunched.launched_at
         raise RuntimeError(f"sampler failed three times on step {pending.step}")
 
     def _wait_for_sampler(self, timeout_s: float = 600.0) -> None:
@@ -247,7 +260,9 @@ class Loop:
         while self.state.step < total:
             step = self.state.step
             t_step = time.time()
-            # Never sample from an adapter more than k versions behind the one being updated.
+            # Keep up to k generations ahead in the sampler's queue: with k >= 1 step t+1 is sampled
+            # while step t is scored and learned. The sampler runs calls in order, so a generation
+            # launched now uses the newest adapter pushed so far: at most k versions behind.
             while next_gen < total and next_gen <= step + (k if queue else 0) and len(queue) < k + 1:
                 queue.append(self._launch_generation(next_gen))
                 next_gen += 1
@@ -257,10 +272,6 @@ class Loop:
             for pi, group in enumerate(completions):
                 for c in group:
                     self.pool.submit((pi, c.sample_index), c.text)
-            # Overlap: with k >= 1 the next generation starts before this step is scored and learned.
-            while k > 0 and next_gen < total and next_gen <= step + k and len(queue) < k:
-                queue.append(self._launch_generation(next_gen))
-                next_gen += 1
             results: dict[tuple[int, int], tuple[ScoreResult, float]] = {}
             for key, result in self.pool.results():
                 results[key] = (result, time.time())
@@ -271,9 +282,12 @@ class Loop:
             if probe_pending is not None:
                 self._record_probe(self._resolve_probe(probe_pending))
                 probe_pending = None
-            update_stats = {"skipped": True}
+            update_stats: dict = {"skipped": True}
             if groups:
                 update_stats = ray.get(self.learner.update.remote(groups))
+                weights = iter(update_stats.pop("is_weights"))
+                for row in rows:
+                    row["is_weight"] = next(weights) if row["used_in_update"] else None
                 self.state.version = update_stats["version"]
                 adapter_ref = self.learner.export_adapter.remote()
                 self._push_adapter(self.state.version, adapter_ref)
@@ -344,7 +358,8 @@ class Loop:
                     "n_words": result.n_words, "n_trs": result.n_trs, "audio_seconds": result.audio_seconds,
                     "reward_worker": result.worker, "reward_attempts": result.attempts,
                     "cache_hit": result.cache_hit, "encoder_trained": result.encoder_trained,
-                    "timings_json": json.dumps(result.timings), "sampled_at": sampled_at, "scored_at": scored_at,
+                    "timings_json": json.dumps(result.timings), "sample_started_at": c.started_at,
+                    "sample_finished_at": c.finished_at, "submitted_at": sampled_at, "scored_at": scored_at,
                 }
                 for name in (*ROI_NAMES, *SUMMARY_NAMES):
                     row[f"roi_{name}"] = result.roi.get(name)
@@ -375,7 +390,8 @@ class Loop:
             "sample_seconds": sampled_at - max(pending.launched_at, t_step),
             "reward_seconds": t_scored - sampled_at, "update_seconds": t_updated - t_scored,
             "step_seconds": t_updated - t_step, "time": t_updated,
-            "tokens_per_second": float(tokens.sum()) / max(1e-6, sampled_at - pending.launched_at),
+            "tokens_per_second": float(tokens.sum()) / max(1e-6, max(r["sample_finished_at"] for r in rows)
+                                                           - min(r["sample_started_at"] for r in rows)),
             **{k: v for k, v in update_stats.items() if isinstance(v, (int, float))},
         }
         roi_means = {name: float(np.nanmean([r[f"roi_{name}"] for r in rows if r[f"roi_{name}"] is not None]))
@@ -409,6 +425,7 @@ class Loop:
         steps = [m for m in self.files.read_metrics() if "reward_mean" in m]
         summary = summarize(steps)
         summary.update({"run_dir": str(self.files.root), "final_adapter": str(final),
+                        "sampler_restarts": self.sampler_restarts,
                         "wall_seconds": time.time() - t_start, "samples_scored": self.state.samples_scored,
                         "samples_failed": self.state.samples_failed, "adapter_version": self.state.version})
         (self.files.root / "summary.json").write_text(json.dumps(summary, indent=1))

