@@ -75,6 +75,27 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from brainloop.config import _merge, load_config, parse_override
+    from brainloop.evaluate import run_eval
+
+    overrides: dict = {}
+    for item in args.set or []:  # e.g. --set sampler.engine=transformers
+        overrides = _merge(overrides, parse_override(item))
+    cfg = load_config(args.config, overrides)
+    run_eval(cfg, args.adapter, out_dir=args.out, n=args.n, prompt_split=args.prompts, max_prompts=args.max_prompts,
+             seed=args.seed, temperature=args.temperature, config_path=str(Path(args.config).resolve()))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from brainloop.report import build_report
+
+    numbers = build_report(args.run_dir, eval_dir=args.eval, out_dir=args.out)
+    print(f"report {numbers['report_md']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="brainloop")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +112,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="brainloop-score")
     p.add_argument("--json", help="also write the result as JSON here")
     p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("eval", help="base model vs trained adapter on held-out prompts, with CIs and p-values")
+    p.add_argument("--config", required=True)
+    p.add_argument("--adapter", required=True, help="PEFT adapter directory, e.g. RUN_DIR/final_adapter")
+    p.add_argument("--n", type=int, default=16, help="completions per prompt per model")
+    p.add_argument("--out", default=None, help="output directory (default: the adapter's RUN_DIR/eval)")
+    p.add_argument("--prompts", default="held_out", choices=["held_out", "train"])
+    p.add_argument("--max-prompts", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's run.seed)")
+    p.add_argument("--temperature", type=float, default=None, help="default: the config's sampler.temperature_end")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="config override (repeatable)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("report", help="figures and report.md of a run (and its eval)")
+    p.add_argument("run_dir")
+    p.add_argument("--eval", default=None, help="eval directory (default: RUN_DIR/eval when present)")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
+    p.set_defaults(func=_cmd_report)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -60,12 +60,14 @@ class ProbeResult:
 
 
 def check_probe(version: int, sampler_lp: list[float], learner_lp: list[float], base_lp: list[float],
-                tolerance: float, min_effect: float) -> ProbeResult:
+                tolerance: float, min_effect: float, noise_floor: float = 0.0) -> ProbeResult:
     """Fail loudly unless the sampler's log-probs are the learner's adapter's.
 
     Two conditions: the sampler agrees with the learner within ``tolerance``; and once the adapter
-    changes the probe by more than the numerical noise between the engines, the sampler is closer
-    to the adapter than to the base model (a sampler that silently serves the base model fails).
+    changes the probe by more than the engines' numerical disagreement on the base model
+    (``noise_floor``, measured at start-up), the sampler is closer to the adapter than to the base
+    model. The second catches a sampler silently serving the base model while the adapter is still
+    too small for the first.
     """
     s, lrn, base = (np.asarray(x, dtype=np.float64) for x in (sampler_lp, learner_lp, base_lp))
     if not (s.shape == lrn.shape == base.shape) or s.size == 0:
@@ -77,8 +79,7 @@ def check_probe(version: int, sampler_lp: list[float], learner_lp: list[float], 
             f"adapter v{version}: sampler and learner log-probs differ by {result.sampler_vs_learner:.4g} "
             f"> tolerance {tolerance} (adapter effect {result.adapter_vs_base:.4g}, sampler vs base "
             f"{result.sampler_vs_base:.4g}); the sampler is not serving this adapter")
-    noise = result.sampler_vs_learner
-    if version > 0 and result.adapter_vs_base > max(min_effect, 2 * noise) and \
+    if version > 0 and result.adapter_vs_base > max(min_effect, 2 * noise_floor) and \
             result.sampler_vs_base <= result.sampler_vs_learner:
         raise AdapterProbeError(f"adapter v{version}: the sampler matches the base model, not the adapter")
     return result
@@ -160,6 +161,10 @@ class Loop:
         self.probe_completion_ids = tokenizer(self.cfg.probe.completion, add_special_tokens=False)["input_ids"]
         self.probe_base = ray.get(self.learner.completion_logprobs.remote(
             self.probe_prompt_ids, self.probe_completion_ids, False))
+        sampler_base = ray.get(self.sampler.score.remote(self.cfg.probe.prompt, self.probe_completion_ids, 0))
+        # How far the two engines disagree on the same weights: the noise any adapter must exceed.
+        self.probe_noise = check_probe(0, sampler_base, self.probe_base, self.probe_base, self.cfg.probe.tolerance,
+                                       self.cfg.probe.min_adapter_effect).sampler_vs_learner
 
     def _probe_refs(self, version: int) -> tuple[int, ray.ObjectRef, ray.ObjectRef]:
         return (version,
@@ -174,7 +179,7 @@ class Loop:
             self._restore_sampler()
             sampler_lp = ray.get(self.sampler.score.remote(self.cfg.probe.prompt, self.probe_completion_ids, version))
         return check_probe(version, sampler_lp, ray.get(learner_ref), self.probe_base,
-                           self.cfg.probe.tolerance, self.cfg.probe.min_adapter_effect)
+                           self.cfg.probe.tolerance, self.cfg.probe.min_adapter_effect, self.probe_noise)
 
     def _restore_sampler(self) -> None:
         """Wait for Ray to restart a dead sampler, then load the newest adapter into it."""

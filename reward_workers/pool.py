@@ -89,7 +89,9 @@ class RewardPool:
 
     def _dispatch(self) -> None:
         while self._queue and self.workers:
-            index = min(self.workers, key=self._load)
+            # Least loaded, but never back to the worker this text just failed or timed out on while
+            # another exists (it may be restarting or still stuck in the old call).
+            index = min(self.workers, key=lambda i: (i == self._queue[0].worker, self._load(i)))
             if self._load(index) >= self.per_worker:
                 return
             job = self._queue.popleft()

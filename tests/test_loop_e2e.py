@@ -7,49 +7,11 @@ the production code path.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 
-from brainloop.config import load_config
-from brainloop.driver import Loop
-
-CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
-KEY = ["step", "prompt_index", "sample_index"]
-
-
-def small_config(steps: int, **extra):
-    overrides = {
-        "run": {"name": "e2e", "steps": steps, "checkpoint_every": 2, "seed": 7},
-        "sampler": {"num_completions": 2, "max_new_tokens": 12, "max_model_len": 256},
-        "learner": {"lr": 5e-3, "warmup_steps": 0},
-        "reward": {"cache": False},
-    }
-    for section, values in extra.items():
-        overrides.setdefault(section, {}).update(values)
-    return load_config(CONFIG, overrides)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=4, namespace="brainloop-tests", include_dashboard=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    yield
-    ray.shutdown()
-
-
-def run_loop(cfg, run_dir: Path, resume: bool = False, stop_after: int | None = None) -> dict:
-    loop = Loop(cfg, run_dir, resume=resume)
-    try:
-        return loop.run(stop_after=stop_after)
-    finally:
-        loop.close()
-
-
-def rollouts(run_dir: Path) -> pd.DataFrame:
-    return pd.read_parquet(run_dir / "rollouts").sort_values(KEY).reset_index(drop=True)
+from tests.loop_helpers import KEY, rollouts, run_loop, small_config
 
 
 @pytest.mark.slow

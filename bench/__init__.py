@@ -1,0 +1,1 @@
+"""Benchmarks of brainloop's components (run as modules: ``python -m bench.<name>``)."""

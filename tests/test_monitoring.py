@@ -1,0 +1,75 @@
+"""Monitoring on a real local Ray cluster with its dashboard: the Prometheus endpoint carries
+brainloop's metrics with sensible values during a run, and the dashboard's state API lists the
+loop's named actors."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+
+import pytest
+import ray
+
+from brainloop.driver import Loop
+from tests.loop_helpers import small_config
+
+pytestmark = pytest.mark.slow
+METRICS_PORT = 18280
+
+
+@pytest.fixture(scope="module")
+def ray_with_dashboard():
+    ray.init(num_cpus=4, namespace="brainloop-monitoring", include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=18265, _metrics_export_port=METRICS_PORT,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
+    yield
+    ray.shutdown()
+
+
+def scrape() -> dict[str, list[tuple[str, float]]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    found: dict[str, list[tuple[str, float]]] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(ray_brainloop_\w+?)(\{.*\})?\s+([-+0-9.eEinfNa]+)$", line)
+        if match:
+            found.setdefault(match.group(1), []).append((match.group(2) or "", float(match.group(3))))
+    return found
+
+
+def test_metrics_endpoint_and_named_actors_during_a_run(ray_with_dashboard, tmp_path):
+    from ray.util.state import list_actors
+
+    loop = Loop(small_config(4), tmp_path / "monitored")
+    seen: dict = {}
+    actors: list = []
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and "ray_brainloop_kl_per_token" not in seen:
+            time.sleep(2)
+            try:
+                seen.update(scrape())
+                if not actors:
+                    actors.extend(a for a in list_actors(filters=[("state", "=", "ALIVE")]))
+            except OSError:
+                continue
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        loop.run()
+        watcher.join(timeout=60)  # metrics are exported every few seconds: allow the last report
+    finally:
+        loop.close()
+    names = {a.name for a in actors}
+    assert {"sampler", "learner", "reward-worker-0", "reward-worker-1"} <= names, names
+    for metric in ("ray_brainloop_reward_mean", "ray_brainloop_kl_per_token", "ray_brainloop_grad_norm",
+                   "ray_brainloop_lr", "ray_brainloop_tokens_per_second", "ray_brainloop_roi_broca"):
+        assert metric in seen, sorted(seen)
+    tags, value = seen["ray_brainloop_reward_mean"][0]
+    assert 'run="e2e"' in tags and 'role="driver"' in tags and -1.0 < value < 1.0
+    assert all(v > 0 for _, v in seen["ray_brainloop_lr"])
+    assert all(v >= 0 for _, v in seen["ray_brainloop_kl_per_token"])
+    assert any(name.startswith("ray_brainloop_reward_stage_seconds") for name in seen)
