@@ -65,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = common_args(__doc__.splitlines()[0])
     parser.add_argument("--pushes", type=int, default=None, help="default 10 (3 with --quick)")
     parser.add_argument("--rank", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of each actor")
+    # One thread each: two actors share a 2-core machine with other jobs, and oversubscribed OpenMP
+    # threads made the update ~3x slower and the scores erratic in a trial run.
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each actor")
     args = parser.parse_args(argv)
     pushes = args.pushes or (3 if args.quick else 10)
     max_new_tokens = 16 if args.quick else 32
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     for k, v in summary.items():
         print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}")
-    print(f"push split (median): " + ", ".join(f"{k} {v:.3f}s ({v / summary['push_median_s']:.0%})"
+    print("push split (median): " + ", ".join(f"{k} {v:.3f}s ({v / summary['push_median_s']:.0%})"
                                                 for k, v in parts.items()))
     print_targets(targets)
     report = {"bench": "adapter_push", "quick": args.quick, "machine": machine_info(),

@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import statistics
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,13 +64,15 @@ def load_average() -> list[float] | None:
 
 
 def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on. Reads torch's thread count only if torch is imported
-    already (a benchmark that never imports torch should not pay for it here)."""
+    """What the numbers were measured on (call it after the benchmark set its thread counts)."""
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         usable = os.cpu_count() or 1
-    torch = sys.modules.get("torch")
+    try:
+        import torch
+    except ImportError:
+        torch = None
     return {
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,

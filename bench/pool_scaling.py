@@ -24,6 +24,7 @@ worker-time is split exactly (the parts sum to 1 - efficiency):
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Any
@@ -89,7 +90,7 @@ def loss_split(spans: list[list[tuple[float, float]]], t0: float, t1: float, lat
             continue
         startup += s[0][0] - t0
         tail += t1 - s[-1][1]
-        gaps += sum(b[0] - a[1] for a, b in zip(s, s[1:], strict=False))
+        gaps += sum(b[0] - a[1] for a, b in itertools.pairwise(s))
         busy += sum(e - b for b, e in s)
     return {"efficiency": calls * latency / total, "startup": startup / total, "gaps": gaps / total,
             "tail": tail / total, "overshoot": (busy - calls * latency) / total}
@@ -205,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         f"pool_vs_ray_n{n_max}_lat{main_latency:g}": headline["pool_vs_ray"],
         **{f"pool_efficiency_n{r['workers']}_lat{r['latency_s']:g}": r["efficiency"]
            for r in rows if r["mode"] == "pool"},
+        # The driver's CPU per text through the pool, and the rate at which one driver core would be
+        # saturated by it alone: the pool's own ceiling, far above what N GPU workers need here.
+        "pool_driver_cpu_ms_per_text_n_max": headline["driver_cpu_ms_per_text"],
+        "pool_driver_ceiling_texts_per_s": 1000.0 / max(1e-9, max(r["driver_cpu_ms_per_text"] for r in rows
+                                                                   if r["mode"] == "pool")),
     }
     why = bounding_stage(headline)
     if raw_headline["efficiency"] < TARGET_EFFICIENCY:

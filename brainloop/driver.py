@@ -329,7 +329,6 @@ class Loop:
 
         cfg = self.cfg
         groups, rows = [], []
-        prompt_ids_cache: dict[int, list[int]] = {}
         for pi, group in enumerate(completions):
             rewards = []
             for c in group:
@@ -348,8 +347,6 @@ class Loop:
                 self.state.samples_failed += int(result.status == "failed")
                 used = bool(np.isfinite(adv)) and len(c.token_ids) > 0
                 if used:
-                    if pi not in prompt_ids_cache:
-                        prompt_ids_cache[pi] = c.prompt_token_ids
                     samples.append(TrainSample(c.prompt_token_ids, c.token_ids, c.logprobs, float(adv),
                                                c.adapter_version))
                 row = {

@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
 
 from brainloop.types import ScoreResult
 
@@ -49,12 +49,14 @@ class RewardPool:
         self._queue: deque[_Job] = deque()
         self._in_flight: dict[ray.ObjectRef, _Job] = {}
         self._done: list[tuple[Hashable, ScoreResult]] = []
+        self._recovering: dict[int, tuple[ray.ObjectRef, float]] = {}
         self.busy_seconds: dict[int, float] = {}
         self.resize(num_workers)
 
     # ---- membership -------------------------------------------------------------------------
     def resize(self, num_workers: int) -> None:
         """Add or retire workers; a retired worker's in-flight texts finish or are retried."""
+        self._target = num_workers
         while len(self.workers) < num_workers:
             index = self._next_index
             self._next_index += 1
@@ -87,11 +89,40 @@ class RewardPool:
     def _load(self, index: int) -> int:
         return sum(1 for job in self._in_flight.values() if job.worker == index)
 
+    def _mark_unhealthy(self, index: int) -> None:
+        """Hold texts back from a worker that failed until it answers a ping again (Ray restarts it)."""
+        if index in self.workers and index not in self._recovering:
+            self._recovering[index] = (self.workers[index].ping.remote(), time.monotonic())
+
+    def _healthy(self) -> list[int]:
+        now = time.monotonic()
+        for index, (ref, sent) in list(self._recovering.items()):
+            if index not in self.workers:
+                del self._recovering[index]
+                continue
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                continue
+            try:
+                ray.get(ref)
+                del self._recovering[index]
+            except ActorDiedError:  # gone for good (no restarts left, node lost): replace it
+                del self._recovering[index]
+                self.workers.pop(index)
+                self.resize(self._target)
+            except RayError:  # still restarting: ask again, at most every half second
+                if now - sent > 0.5:
+                    self._recovering[index] = (self.workers[index].ping.remote(), now)
+        return [i for i in self.workers if i not in self._recovering]
+
     def _dispatch(self) -> None:
-        while self._queue and self.workers:
+        while self._queue:
+            healthy = self._healthy()
+            if not healthy:
+                return
             # Least loaded, but never back to the worker this text just failed or timed out on while
             # another exists (it may be restarting or still stuck in the old call).
-            index = min(self.workers, key=lambda i: (i == self._queue[0].worker, self._load(i)))
+            index = min(healthy, key=lambda i: (i == self._queue[0].worker, self._load(i)))
             if self._load(index) >= self.per_worker:
                 return
             job = self._queue.popleft()
@@ -121,6 +152,7 @@ class RewardPool:
                 try:
                     result: ScoreResult = ray.get(ref, timeout=self.timeout_s)
                 except (RayError, GetTimeoutError) as exc:  # worker died, task raised, or cancelled
+                    self._mark_unhealthy(job.worker)
                     self._retry_or_fail(job, f"{type(exc).__name__} on worker {job.worker}: {str(exc)[:300]}")
                     continue
                 result.attempts = job.attempt
@@ -128,9 +160,15 @@ class RewardPool:
             for ref, job in list(self._in_flight.items()):
                 if now - job.started > self.timeout_s:
                     self._in_flight.pop(ref)
-                    ray.cancel(ref, force=False)
+                    # A running actor call cannot be cancelled: restart the stuck worker instead (its
+                    # other in-flight texts fail over and are retried elsewhere).
+                    if job.worker in self.workers:
+                        ray.kill(self.workers[job.worker], no_restart=False)
+                        self._mark_unhealthy(job.worker)
                     self._retry_or_fail(job, f"timeout after {self.timeout_s:.0f}s on worker {job.worker}")
             self._dispatch()
+        elif not self._done:
+            time.sleep(min(timeout_s, 0.1))  # texts queued but no healthy worker yet: don't spin
         done, self._done = self._done, []
         return done
 

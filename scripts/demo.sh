@@ -18,7 +18,23 @@ bash scripts/ray_local.sh start
 DASHBOARD=http://127.0.0.1:${BRAINLOOP_DASHBOARD_PORT:-8265}
 ENV_JSON=$(python -c "import json, os; print(json.dumps({'env_vars': {k: os.environ[k] for k in
   ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'NILEARN_DATA', 'BRAINLOOP_CACHE') if k in os.environ}}))")
-ray job submit --address "$DASHBOARD" --submission-id "brainloop-$(basename "$RUN_DIR")" \
-  --runtime-env-json "$ENV_JSON" -- \
-  python -m brainloop.job --config "$PWD/$CONFIG" --run-dir "$RUN_DIR" "$@"
+JOB_ID="brainloop-$(basename "$RUN_DIR")"
+# The job agent registers a few seconds after the head starts: retry the submission itself (never
+# the job: `ray job submit` does not retry a failed job, see scripts/submit_with_retry.sh).
+for try in 1 2 3 4 5 6 7 8 9 10; do
+  if ray job submit --no-wait --address "$DASHBOARD" --submission-id "$JOB_ID" --runtime-env-json "$ENV_JSON" -- \
+      python -m brainloop.job --config "$PWD/$CONFIG" --run-dir "$RUN_DIR" "$@" >/dev/null 2>"$RUN_DIR.submit.err"; then
+    break
+  fi
+  [ "$try" = 10 ] && { cat "$RUN_DIR.submit.err" >&2; exit 1; }
+  sleep 3
+done
+rm -f "$RUN_DIR.submit.err"
+echo "[brainloop] submitted $JOB_ID; dashboard $DASHBOARD (Jobs, Actors, Metrics views)"
+ray job logs --address "$DASHBOARD" --follow "$JOB_ID"
+STATUS=$(ray job status --address "$DASHBOARD" "$JOB_ID" 2>/dev/null | grep -o "SUCCEEDED\|FAILED\|STOPPED" | tail -1)
+if [ "$STATUS" != "SUCCEEDED" ]; then
+  echo "[brainloop] job $JOB_ID ended: ${STATUS:-unknown}" >&2
+  exit 1
+fi
 python -m brainloop.cli summary "$RUN_DIR" --dashboard "$DASHBOARD"

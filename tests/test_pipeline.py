@@ -226,7 +226,7 @@ def test_prediction_equals_stages_run_by_hand(pipe, demo_cfg, monkeypatch, tmp_p
 
 @pytest.mark.xfail(strict=True, reason="espeak-ng keeps synthesis state between calls in a process (tts.py): the "
                    "same text gives a few samples' different audio and word timings on each call, so its reward "
-                   "varies by ~1e-4 without the cache")
+                   "varies by ~2e-4 (std; up to 7e-4) without the cache")
 def test_same_text_scores_reproducibly_without_cache(pipe):
     rewards = [pipe.score(PASSAGE).reward for _ in range(3)]
     assert rewards[0] == rewards[1] == rewards[2]
