@@ -4,8 +4,9 @@
 
 The real ``Learner`` and ``Sampler`` (vLLM engine) run as Ray actors on a local cluster, exactly as
 ``brainloop.driver`` starts them, with a rank-32 LoRA on q/v/o/down_proj of SmolLM2-135M. Each push
-is one real ``learner.update`` on a fixed batch (2 prompts x 4 completions the sampler generated at
-the start), then the driver's push, submitted as the driver does it (no waits between):
+is one real ``learner.update`` on a fixed batch (2 prompts x 4 completions x 32 tokens the sampler
+generated at the start; ``--quick``: 1 x 2 x 8 and 3 pushes), then the driver's push, submitted as
+the driver does it (no waits between):
 
     ref = learner.export_adapter.remote(); sampler.load_adapter.remote(v, ref); sampler.score.remote(probe, v)
 
@@ -70,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each actor")
     args = parser.parse_args(argv)
     pushes = args.pushes or (3 if args.quick else 10)
-    max_new_tokens = 16 if args.quick else 32
+    # --quick: a smaller update (1 prompt x 2 completions x 8 tokens): a smoke test, not the measurement
+    prompts, n_completions, max_new_tokens = (PROMPTS[:1], 2, 8) if args.quick else (PROMPTS, 4, 32)
     load_before = load_average()
 
     from transformers import AutoTokenizer
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         info = ray.get(learner.info.remote(), timeout=900)
         ray.get(sampler.current_version.remote(), timeout=900)
         startup_s = time.time() - t_start
-        completions = ray.get(sampler.generate.remote(PROMPTS, n=4, max_new_tokens=max_new_tokens,
+        completions = ray.get(sampler.generate.remote(prompts, n=n_completions, max_new_tokens=max_new_tokens,
                                                       temperature=1.0, seed=1))
         probe_prompt_ids = ray.get(sampler.format_prompt.remote(PROBE_PROMPT))
         ray.get(sampler.score.remote(PROBE_PROMPT, probe_ids, 0))  # warm the scoring path once
@@ -176,9 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     report = {"bench": "adapter_push", "quick": args.quick, "machine": machine_info(),
               "load_average_before": load_before, "load_average_after": load_average(),
               "config": {"model": MODEL, "rank": args.rank, "alpha": 2 * args.rank, "target_modules": TARGETS,
-                         "engine": "vllm", "actor_threads": args.threads, "batch": "2 prompts x 4 completions",
+                         "engine": "vllm", "actor_threads": args.threads,
+                         "batch": f"{len(prompts)} prompts x {n_completions} completions",
                          "max_new_tokens": max_new_tokens, "pushes": pushes, "probe_tokens": len(probe_ids)},
-                "actor_startup_s": startup_s, "loaded_versions_at_end": loaded,
+              "actor_startup_s": startup_s, "loaded_versions_at_end": loaded,
               "summary": summary, "targets": targets, "pushes": rows}
     _write_json(args.json, report)
     return 0

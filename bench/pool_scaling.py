@@ -18,7 +18,9 @@ worker-time is split exactly (the parts sum to 1 - efficiency):
 * ``startup``: before a worker's first call began (submission, actor queueing);
 * ``gaps``: idle between consecutive calls on a worker (the driver had not yet handed it the next
   text: the pool's dispatch / poll loop);
-* ``tail``: after a worker's last call until the driver had every result (imbalance + collection);
+* ``tail``: after a worker's last call until the driver had every result, split into
+  ``imbalance`` (others were still on their last call) and ``collect`` (all calls were done; the
+  driver had not yet received the last results);
 * ``overshoot``: calls running longer than the latency (sleep granularity, a busy CPU).
 """
 
@@ -77,23 +79,28 @@ def loss_split(spans: list[list[tuple[float, float]]], t0: float, t1: float, lat
     """Worker-time accounting of one run: efficiency + startup + gaps + tail + overshoot = 1.
 
     ``spans[w]`` are worker w's (start, end) call times; [t0, t1] is the run as the driver saw it.
-    Each part is a fraction of N * (t1 - t0), the worker-time the run had.
+    Each part is a fraction of N * (t1 - t0), the worker-time the run had. ``tail`` splits exactly
+    into ``imbalance`` (workers done before the last one: uneven shares of the texts) and
+    ``collect`` (after the last call ended until the driver held every result).
     """
     n = len(spans)
     total = n * (t1 - t0)
     calls = sum(len(s) for s in spans)
-    startup = gaps = tail = busy = 0.0
+    last_end = max((e for s in spans for _, e in s), default=t0)
+    startup = gaps = busy = imbalance = 0.0
     for s in spans:
         s = sorted(s)
         if not s:  # a worker that got nothing idled the whole run
-            tail += t1 - t0
+            imbalance += last_end - t0
             continue
         startup += s[0][0] - t0
-        tail += t1 - s[-1][1]
+        imbalance += last_end - s[-1][1]
         gaps += sum(b[0] - a[1] for a, b in itertools.pairwise(s))
         busy += sum(e - b for b, e in s)
+    collect = n * (t1 - last_end)
     return {"efficiency": calls * latency / total, "startup": startup / total, "gaps": gaps / total,
-            "tail": tail / total, "overshoot": (busy - calls * latency) / total}
+            "tail": (imbalance + collect) / total, "overshoot": (busy - calls * latency) / total,
+            "imbalance": imbalance / total, "collect": collect / total}
 
 
 def _collect_spans(actors: list) -> list[list[tuple[float, float]]]:
@@ -116,8 +123,10 @@ def run_pool(actors: list, n: int, texts: list[str], latency: float) -> dict[str
     if len(results) != len(texts) or bad:
         raise RuntimeError(f"pool returned {len(results)}/{len(texts)} results, {len(bad)} not ok: "
                            f"{bad[0].error if bad else ''}")
-    split = loss_split(_collect_spans(used), t0, t1, latency)
-    return {"wall_s": t1 - t0, "submit_s": t_submitted - t0, "driver_cpu_s": cpu, **split}
+    spans = _collect_spans(used)
+    return {"wall_s": t1 - t0, "submit_s": t_submitted - t0, "driver_cpu_s": cpu,
+            "calls_min": min(map(len, spans)), "calls_max": max(map(len, spans)),
+            **loss_split(spans, t0, t1, latency)}
 
 
 def run_ray(actors: list, n: int, texts: list[str], latency: float) -> dict[str, Any]:
@@ -131,15 +140,19 @@ def run_ray(actors: list, n: int, texts: list[str], latency: float) -> dict[str,
     cpu = time.process_time() - cpu0
     if not all(r.ok for r in results):
         raise RuntimeError("a SleepScorer call failed")
-    split = loss_split(_collect_spans(used), t0, t1, latency)
-    return {"wall_s": t1 - t0, "submit_s": t_submitted - t0, "driver_cpu_s": cpu, **split}
+    spans = _collect_spans(used)
+    return {"wall_s": t1 - t0, "submit_s": t_submitted - t0, "driver_cpu_s": cpu,
+            "calls_min": min(map(len, spans)), "calls_max": max(map(len, spans)),
+            **loss_split(spans, t0, t1, latency)}
 
 
 BOUNDS = {
     "startup": "submission: workers waited for their first text (driver submit loop / Ray task start)",
     "gaps": "the pool's dispatch/poll loop: a worker idled between calls until the driver handed it the next "
             "text (RewardPool.poll -> _dispatch after ray.wait; per-worker in-flight cap)",
-    "tail": "the end of the run: uneven last round or results collected late by the driver",
+    "imbalance": "uneven shares: some workers finished their last text while others still ran one "
+                 "(least-loaded dispatch of a finite batch under jittery latencies)",
+    "collect": "the driver collected the last results late (poll's ray.wait / per-result ray.get)",
     "overshoot": "the workers themselves: calls ran longer than the latency (sleep wake-up on a busy CPU)",
 }
 
@@ -192,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
 
     cols = ["latency_s", "workers", "mode", "texts", "throughput", "ideal", "efficiency", "pool_vs_ray",
-            "startup", "gaps", "tail", "overshoot", "driver_cpu_ms_per_text", "wall_s"]
+            "startup", "gaps", "imbalance", "collect", "overshoot", "calls_min", "calls_max",
+            "driver_cpu_ms_per_text", "wall_s"]
     print()
-    print(table(rows, cols, title="reward-pool scaling (fractions of worker-time; they sum to 1)"))
+    print(table(rows, cols, title="reward-pool scaling (fractions of worker-time; efficiency + losses = 1)"))
     main_latency = latencies[0]
     n_max = max(workers)
     headline = next(r for r in rows if r["mode"] == "pool" and r["workers"] == n_max and r["latency_s"] == main_latency)

@@ -202,8 +202,8 @@ def run_reference_steps(cfg: Config, steps: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from brainloop.config import load_config, parse_override
     from brainloop.config import _merge as merge
+    from brainloop.config import load_config, parse_override
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))

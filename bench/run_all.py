@@ -16,8 +16,10 @@ import argparse
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,13 @@ def headline(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _stream(proc: subprocess.Popen, log: Any, name: str) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.write(line)
+        print(f"[{name}] {line}", end="", flush=True)
+
+
 def run_bench(name: str, quick: bool, out_dir: Path, timeout_s: float) -> dict[str, Any]:
     if importlib.util.find_spec(f"bench.{name}") is None:  # finds the file without importing it
         return {"bench": name, "status": "skipped", "note": f"bench/{name}.py does not exist"}
@@ -57,24 +66,30 @@ def run_bench(name: str, quick: bool, out_dir: Path, timeout_s: float) -> dict[s
     print(f"=== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
     load = load_average()
+    timed_out = False
     try:
         with open(log_path, "w") as log:
+            # Own process group: on a timeout the bench and everything it started (its local Ray
+            # cluster, actors, child processes) are terminated together.
             proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1)
-            assert proc.stdout is not None
-            deadline = time.monotonic() + timeout_s
-            for line in proc.stdout:  # stream: a long bench shows progress
-                log.write(line)
-                print(f"[{name}] {line}", end="", flush=True)
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    break
-            rc = proc.wait()
+                                    text=True, bufsize=1, start_new_session=True)
+            reader = threading.Thread(target=_stream, args=(proc, log, name), daemon=True)
+            reader.start()  # stream: a long bench shows progress
+            try:
+                rc = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGTERM)
+                rc = proc.wait()
+            reader.join(timeout=10)
     except OSError as exc:
         return {"bench": name, "status": "error", "note": str(exc)}
     wall = time.perf_counter() - t0
     entry: dict[str, Any] = {"bench": name, "rc": rc, "wall_s": wall, "load_average_before": load,
                              "json": str(json_path), "log": str(log_path)}
+    if timed_out:
+        entry.update(status="failed", note=f"timed out after {timeout_s:.0f}s; see {log_path}")
+        return entry
     if rc != 0 or not json_path.is_file():
         entry.update(status="failed", note=f"exit code {rc}; see {log_path}")
         return entry

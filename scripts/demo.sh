@@ -32,7 +32,8 @@ done
 rm -f "$RUN_DIR.submit.err"
 echo "[brainloop] submitted $JOB_ID; dashboard $DASHBOARD (Jobs, Actors, Metrics views)"
 ray job logs --address "$DASHBOARD" --follow "$JOB_ID"
-STATUS=$(ray job status --address "$DASHBOARD" "$JOB_ID" 2>/dev/null | grep -o "SUCCEEDED\|FAILED\|STOPPED" | tail -1)
+STATUS=$(python -c "import sys; from ray.job_submission import JobSubmissionClient as C
+print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)" "$DASHBOARD" "$JOB_ID")
 if [ "$STATUS" != "SUCCEEDED" ]; then
   echo "[brainloop] job $JOB_ID ended: ${STATUS:-unknown}" >&2
   exit 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,16 +32,20 @@ MACHINE_KEYS = {"cpu_count", "cpu_model", "ram_bytes", "load_average", "torch_th
 def test_loss_split_hand_computed():
     # Two workers, run [0, 10], latency 2. Worker 0: calls (1,3) (4,6) (6,8): startup 1, gaps 1,
     # tail 2, busy 6. Worker 1: one call (0, 2.5): startup 0, tail 7.5, busy 2.5 (0.5 overshoot).
-    # Worker-time 20; 4 calls x 2 s = 8 -> efficiency 0.4.
+    # Worker-time 20; 4 calls x 2 s = 8 -> efficiency 0.4. The last call ends at 8: tail = imbalance
+    # (worker 1 idle 2.5 .. 8) 5.5 + collect (both workers 8 .. 10) 4.
     split = loss_split([[(4, 6), (1, 3), (6, 8)], [(0, 2.5)]], 0.0, 10.0, 2.0)
     assert split == pytest.approx({"efficiency": 0.4, "startup": 0.05, "gaps": 0.05, "tail": 0.475,
-                                   "overshoot": 0.025})
-    assert sum(split.values()) == pytest.approx(1.0)
+                                   "overshoot": 0.025, "imbalance": 0.275, "collect": 0.2})
+    parts = ("efficiency", "startup", "gaps", "tail", "overshoot")
+    assert sum(split[k] for k in parts) == pytest.approx(1.0)
+    assert split["imbalance"] + split["collect"] == pytest.approx(split["tail"])
 
 
-def test_loss_split_idle_worker_is_all_tail():
+def test_loss_split_idle_worker_is_imbalance():
     split = loss_split([[(0, 1)], []], 0.0, 1.0, 1.0)
-    assert split == pytest.approx({"efficiency": 0.5, "startup": 0.0, "gaps": 0.0, "tail": 0.5, "overshoot": 0.0})
+    assert split == pytest.approx({"efficiency": 0.5, "startup": 0.0, "gaps": 0.0, "tail": 0.5, "overshoot": 0.0,
+                                   "imbalance": 0.5, "collect": 0.0})
 
 
 def test_percentile_matches_linear_interpolation():
@@ -75,10 +80,18 @@ def test_table_aligns_columns():
 
 
 def _run(module: str, out: Path, timeout_s: float) -> dict:
+    """Run a bench in its own process group: on a timeout the group (the bench, its local Ray
+    cluster, its actors) is terminated, so nothing it started outlives the test."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--json", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout_s)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    proc = subprocess.Popen([sys.executable, "-m", module, "--quick", "--json", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{module} --quick took over {timeout_s:.0f}s:\n{stdout[-2000:]}{stderr[-2000:]}")
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["quick"] is True
     assert MACHINE_KEYS <= set(report["machine"]), report["machine"]
@@ -98,7 +111,7 @@ def _positive(summary: dict, keys: list[str]) -> None:
 
 @pytest.mark.slow
 def test_pool_scaling_quick(tmp_path):
-    report = _run("bench.pool_scaling", tmp_path / "pool.json", 150)
+    report = _run("bench.pool_scaling", tmp_path / "pool.json", 300)
     summary = report["summary"]
     _positive(summary, ["pool_efficiency_n4_lat0.2", "ray_efficiency_n4_lat0.2", "pool_vs_ray_n4_lat0.2"])
     rows = report["rows"]
@@ -106,7 +119,9 @@ def test_pool_scaling_quick(tmp_path):
     for r in rows:
         parts = r["efficiency"] + r["startup"] + r["gaps"] + r["tail"] + r["overshoot"]
         assert parts == pytest.approx(1.0, abs=1e-6)
+        assert r["imbalance"] + r["collect"] == pytest.approx(r["tail"], abs=1e-6)
         assert 0 < r["efficiency"] <= 1.0
+        assert r["calls_min"] >= 1 and r["calls_max"] >= r["calls_min"]
         assert r["throughput"] > 0 and r["texts"] > 0
     # Sleeping workers run in parallel: four must beat one clearly, even on a busy 2-core machine.
     thr = {r["workers"]: r["throughput"] for r in rows if r["mode"] == "pool"}
@@ -115,7 +130,7 @@ def test_pool_scaling_quick(tmp_path):
 
 @pytest.mark.slow
 def test_adapter_push_quick(tmp_path):
-    report = _run("bench.adapter_push", tmp_path / "push.json", 240)
+    report = _run("bench.adapter_push", tmp_path / "push.json", 480)
     summary = report["summary"]
     _positive(summary, ["push_median_s", "push_p95_s", "export_median_s", "transfer_load_median_s",
                         "first_use_median_s", "second_use_median_s", "update_median_s", "adapter_bytes",
@@ -133,7 +148,7 @@ def test_adapter_push_quick(tmp_path):
 
 @pytest.mark.slow
 def test_learner_memory_quick(tmp_path):
-    report = _run("bench.learner_memory", tmp_path / "mem.json", 240)
+    report = _run("bench.learner_memory", tmp_path / "mem.json", 480)
     (comparison,) = report["comparisons"]
     _positive(comparison, ["peak_rss_adapter_disabled", "peak_rss_second_copy", "peak_ratio", "weights_one_copy"])
     ours, ref = comparison["variants"]["adapter_disabled"], comparison["variants"]["second_copy"]
