@@ -28,6 +28,7 @@ class _Job:
     attempt: int = 1
     worker: int = -1
     started: float = 0.0
+    deadline: float = 0.0
     errors: tuple[str, ...] = ()
 
 
@@ -127,6 +128,8 @@ class RewardPool:
                 return
             job = self._queue.popleft()
             job.worker, job.started = index, time.monotonic()
+            # Calls on one actor run in turn: a text queued behind others gets their time too.
+            job.deadline = job.started + self.timeout_s * (1 + self._load(index))
             self._in_flight[self.workers[index].score.remote(job.text)] = job
 
     def _retry_or_fail(self, job: _Job, reason: str) -> None:
@@ -158,7 +161,7 @@ class RewardPool:
                 result.attempts = job.attempt
                 self._done.append((job.key, result))
             for ref, job in list(self._in_flight.items()):
-                if now - job.started > self.timeout_s:
+                if now > job.deadline:
                     self._in_flight.pop(ref)
                     # A running actor call cannot be cancelled: restart the stuck worker instead (its
                     # other in-flight texts fail over and are retried elsewhere).
