@@ -68,6 +68,8 @@ NEVER = 10**6  # run.steps / checkpoint_every beyond any benchmark: the loop nev
 QUICK = {"prompts": {"prompts_per_step": 1},
          "sampler": {"num_completions": 2, "max_new_tokens": 8, "max_model_len": 256}}
 TARGET_ASYNC_SPEEDUP = 1.6
+# Thread settings that change CPU results (the Ray workers inherit them from this process).
+THREAD_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "MKL_NUM_THREADS")
 
 
 # ---- configuration ----------------------------------------------------------------------------
@@ -424,6 +426,9 @@ def run_bench(cfg: Config, rounds: int, per_block: int, cores: int, quick: bool 
             "warmup_steps_per_block": 1, "order": [f"{v}@{r}" for r, v in schedule(rounds)],
             "reward_cache": cfg.reward.cache, "checkpoints": "off", "cores": cores,
             "reference_threads": cores, "step_seconds": "wall time between consecutive step ends",
+            "sampler_cpu_threads": cfg.sampler.cpu_threads, "learner_cpu_threads": cfg.learner.cpu_threads,
+            "reward_torch_threads": cfg.reward.pipeline.torch_threads,
+            "env": {k: os.environ.get(k) for k in THREAD_ENV},
         },
         "setup_seconds": {"ray_and_actors": actors_seconds, "reference_models": reference_load_seconds,
                           "total_wall": time.time() - t_start},

@@ -8,7 +8,7 @@ import ray
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=4, namespace="brainloop-tests", include_dashboard=False,
+    ray.init(address="local", num_cpus=4, namespace="brainloop-tests", include_dashboard=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     yield
     ray.shutdown()

@@ -21,8 +21,8 @@ METRICS_PORT = 18280
 
 @pytest.fixture(scope="module")
 def ray_with_dashboard():
-    ray.init(num_cpus=4, namespace="brainloop-monitoring", include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=18265, _metrics_export_port=METRICS_PORT,
+    ray.init(address="local", num_cpus=4, namespace="brainloop-monitoring", include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=18265, _metrics_export_port=METRICS_PORT,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     yield
     ray.shutdown()
