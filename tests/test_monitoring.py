@@ -21,10 +21,10 @@ METRICS_PORT = 18280
 
 @pytest.fixture(scope="module")
 def ray_with_dashboard():
-    ray.init(address="local", num_cpus=4, namespace="brainloop-monitoring", include_dashboard=True,
+    context = ray.init(address="local", num_cpus=4, namespace="brainloop-monitoring", include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=18265, _metrics_export_port=METRICS_PORT,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    yield
+    yield context
     ray.shutdown()
 
 
@@ -41,6 +41,8 @@ def scrape() -> dict[str, list[tuple[str, float]]]:
 def test_metrics_endpoint_and_named_actors_during_a_run(ray_with_dashboard, tmp_path):
     from ray.util.state import list_actors
 
+    # This cluster's own dashboard (another Ray head on the machine must not answer for it).
+    dashboard = "http://" + ray_with_dashboard.dashboard_url
     loop = Loop(small_config(4), tmp_path / "monitored")
     seen: dict = {}
     actors: list = []
@@ -51,9 +53,9 @@ def test_metrics_endpoint_and_named_actors_during_a_run(ray_with_dashboard, tmp_
             time.sleep(2)
             try:
                 seen.update(scrape())
-                if not actors:
-                    actors.extend(a for a in list_actors(filters=[("state", "=", "ALIVE")]))
-            except OSError:
+                alive = list_actors(address=dashboard, filters=[("state", "=", "ALIVE")])
+                actors.extend(a for a in alive if a.name and a.name not in {b.name for b in actors})
+            except Exception:  # endpoint not up yet, or a state-API timeout: try again
                 continue
 
     watcher = threading.Thread(target=watch, daemon=True)
