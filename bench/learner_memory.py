@@ -132,23 +132,10 @@ def _second_copy_class():
                 resolve_model(policy["model"]), dtype=_dtype(policy["dtype"])).to(self.device).eval()
             self.ref_model.requires_grad_(False)
 
-        def _forward(self, samples):
-            # Learner._forward with the reference logits from the second copy instead of the
-            # adapter-disabled policy; everything else the same.
-            seqs = [s.prompt_ids + s.completion_ids for s in samples]
-            length = max(map(len, seqs))
-            ids = torch.zeros(len(seqs), length, dtype=torch.long)
-            attention = torch.zeros(len(seqs), length, dtype=torch.long)
-            mask = torch.zeros(len(seqs), length - 1)
-            for i, (s, seq) in enumerate(zip(samples, seqs, strict=True)):
-                ids[i, : len(seq)] = torch.tensor(seq)
-                attention[i, : len(seq)] = 1
-                mask[i, len(s.prompt_ids) - 1 : len(seq) - 1] = 1.0
-            ids, attention, mask = ids.to(self.device), attention.to(self.device), mask.to(self.device)
-            with torch.no_grad():
-                ref_logits = self.ref_model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-            logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-            return logits, ref_logits, ids[:, 1:], mask
+        @torch.no_grad()
+        def _reference_logits(self, ids, attention):
+            # The reference's way: pi_ref from a second, frozen full copy of the model.
+            return self.ref_model(input_ids=ids, attention_mask=attention).logits[:, :-1]
 
     return SecondCopyLearner
 

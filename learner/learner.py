@@ -80,10 +80,15 @@ class Learner:
             # position t predicts token t+1: completion tokens sit at P .. P+C-1
             mask[i, len(s.prompt_ids) - 1 : len(seq) - 1] = 1.0
         ids, attention, mask = ids.to(self.device), attention.to(self.device), mask.to(self.device)
-        with torch.no_grad(), self.model.disable_adapter():
-            ref_logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+        ref_logits = self._reference_logits(ids, attention)
         logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
         return logits, ref_logits, ids[:, 1:], mask
+
+    @torch.no_grad()
+    def _reference_logits(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """pi_ref: the same model with its adapter disabled (no second copy of the weights)."""
+        with self.model.disable_adapter():
+            return self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
 
     def _sampler_logprobs(self, samples: list[TrainSample], mask: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(mask)
