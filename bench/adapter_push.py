@@ -35,7 +35,7 @@ from bench.common import (
     median,
     percentile,
     print_targets,
-    ray_env,
+    start_local_ray,
     table,
     target,
 )
@@ -89,10 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(MODEL))
     probe_ids = tokenizer(PROBE_COMPLETION, add_special_tokens=False)["input_ids"]
 
-    env = ray_env()
-    env["env_vars"].update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"})
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             namespace="bench-adapter-push", runtime_env=env, object_store_memory=256 * 1024**2)
+    start_local_ray("bench-adapter-push",
+                    env_vars={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"})
     rows: list[dict[str, Any]] = []
     try:
         t_start = time.time()

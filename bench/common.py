@@ -97,6 +97,18 @@ def ray_env() -> dict[str, Any]:
     return {"env_vars": env}
 
 
+def start_local_ray(namespace: str, num_cpus: int = 4, object_store_mb: int = 256,
+                    env_vars: dict[str, str] | None = None) -> None:
+    """A private local Ray cluster for one benchmark (``address="local"``: never someone else's
+    head on this machine). ``num_cpus`` is logical: it decides which actors fit, not how fast they run."""
+    import ray
+
+    env = ray_env()
+    env["env_vars"].update(env_vars or {})
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             namespace=namespace, runtime_env=env, object_store_memory=object_store_mb * 1024**2)
+
+
 # ---- statistics -------------------------------------------------------------------------------
 
 

@@ -133,9 +133,9 @@ def _second_copy_class():
             self.ref_model.requires_grad_(False)
 
         @torch.no_grad()
-        def _reference_logits(self, ids, attention):
+        def _reference_logits(self, ids, attention, keep):
             # The reference's way: pi_ref from a second, frozen full copy of the model.
-            return self.ref_model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            return self.ref_model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
 
     return SecondCopyLearner
 

@@ -24,7 +24,8 @@ demo's ``reward.pipeline`` config, cache off), the same prompts drawn by the sam
 TRL steps cannot be interleaved with the Loop's inside one process (different venvs), so WHOLE RUNS
 alternate: per round a TRL block (a fresh process: model load untimed, then ``--steps-per-block``
 steps), a brainloop-sync block and a brainloop-async block, the order rotated each round. The first
-step of every block is a warm-up and is dropped; figures are medians of the rest. A step's seconds
+step of every block is a warm-up and is dropped; seconds per step are the mean of the rest
+(throughput: brainloop-async steps alternate short and long), stages their medians. A step's seconds
 are the wall time between consecutive step ends (TRL: ``on_step_end``; brainloop: metrics.jsonl).
 
 Known algorithmic differences (none makes TRL do more work): TRL's KL term is the k3 estimator on
@@ -291,13 +292,12 @@ def schedule(rounds: int) -> list[tuple[int, str]]:
 def run_bench(cfg, rounds: int, per_block: int, cores: int, quick: bool) -> dict[str, Any]:
     import ray
 
-    from bench.common import load_average, machine_info, ray_env, target
+    from bench.common import load_average, machine_info, start_local_ray, target
     from bench.loop_speed import BenchLoop, CpuMeter, summarise_variant
 
     load_start = load_average()
     t_start = time.time()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             namespace="bench-trl-grpo", runtime_env=ray_env(), object_store_memory=256 * 1024**2)
+    start_local_ray("bench-trl-grpo")
     run_dir = Path(tempfile.mkdtemp(prefix="bench-trl-grpo-"))
     meter = CpuMeter()
     meter.start()
@@ -336,13 +336,13 @@ def run_bench(cfg, rounds: int, per_block: int, cores: int, quick: bool) -> dict
                 for key in ("sample_seconds", "reward_seconds", "update_seconds", "mean_tokens"):
                     s[key] = float("nan") if s.get(key) is None else s[key]
         variants[name] = summarise_variant(chosen, cores)
-    trl_s = variants["trl"]["step_seconds_median"]
-    ratios = {"sync_over_trl": variants["sync"]["step_seconds_median"] / trl_s,
-              "async_over_trl": variants["async"]["step_seconds_median"] / trl_s}
+    trl_s = variants["trl"]["step_seconds_mean"]  # means: seconds per step over a run (throughput)
+    ratios = {"sync_over_trl": variants["sync"]["step_seconds_mean"] / trl_s,
+              "async_over_trl": variants["async"]["step_seconds_mean"] / trl_s}
     targets = [target(f"brainloop {m} s/step / TRL s/step", ratios[f"{m}_over_trl"], TARGET_RATIO, False,
-                      why_trl_missed(variants, m)) for m in ("sync", "async")]
-    summary = {"trl_seconds_per_step": trl_s, "sync_seconds_per_step": variants["sync"]["step_seconds_median"],
-               "async_seconds_per_step": variants["async"]["step_seconds_median"], **ratios}
+                      why_trl_missed(variants, m, cores)) for m in ("sync", "async")]
+    summary = {"trl_seconds_per_step": trl_s, "sync_seconds_per_step": variants["sync"]["step_seconds_mean"],
+               "async_seconds_per_step": variants["async"]["step_seconds_mean"], **ratios}
     return {
         "bench": "trl_grpo", "quick": quick, "machine": machine_info(),
         "settings": {"task": TASK if not quick else {"base": TASK, "quick": QUICK_TASK}, "rounds": rounds,
@@ -361,13 +361,16 @@ def run_bench(cfg, rounds: int, per_block: int, cores: int, quick: bool) -> dict
     }
 
 
-def why_trl_missed(variants: dict[str, dict[str, Any]], mode: str) -> str:
+def why_trl_missed(variants: dict[str, dict[str, Any]], mode: str, cores: int) -> str:
     trl, bl = variants["trl"], variants[mode]
     stages = ("sample", "reward", "update")
     diffs = {s: (bl[f"{s}_seconds_median"], trl[f"{s}_seconds_median"]) for s in stages}
     worst = max(stages, key=lambda s: diffs[s][0] - diffs[s][1])
     detail = ", ".join(f"{s} {b:.2f} s vs TRL {t:.2f} s" for s, (b, t) in diffs.items())
-    return (f"brainloop-{mode} {bl['step_seconds_median']:.2f} s/step vs TRL {trl['step_seconds_median']:.2f}: "
+    detail += (f"; CPU-s per step brainloop {bl['cpu_seconds_median']:.1f} vs TRL {trl['cpu_seconds_median']:.1f} "
+               f"(on {cores} cores the CPU alone bounds brainloop at "
+               f"{bl['cpu_seconds_median'] / cores:.1f} s/step)")
+    return (f"brainloop-{mode} {bl['step_seconds_mean']:.2f} s/step vs TRL {trl['step_seconds_mean']:.2f}: "
             f"{detail}; brainloop loses most in {worst} (cpu busy brainloop {bl['cpu_utilisation']:.0%}, "
             f"TRL {trl['cpu_utilisation']:.0%})")
 
@@ -375,7 +378,7 @@ def why_trl_missed(variants: dict[str, dict[str, Any]], mode: str) -> str:
 def print_report(report: dict[str, Any]) -> None:
     from bench.common import print_targets, table
 
-    rows = [{"variant": name, "s/step": v["step_seconds_median"], "sample": v["sample_seconds_median"],
+    rows = [{"variant": name, "s/step": v["step_seconds_mean"], "sample": v["sample_seconds_median"],
              "reward": v["reward_seconds_median"], "update": v["update_seconds_median"],
              "cpu-s/step": v["cpu_seconds_median"], "cpu busy": v["cpu_utilisation"],
              "tokens": v["mean_tokens_median"], "n": v["steps_measured"]}

@@ -120,6 +120,10 @@ class PipelineConfig(Section):
     device: str = "cpu"
     torch_threads: int | None = 1
     save_predictions: bool = False
+    # Seconds slept per scored text after the real stages (no CPU): stands in for the GPU time of a
+    # full-size TRIBE on hardware we do not have, so benchmarks can set the reward latency. Never
+    # set it in a training run; results record it as the `simulated_latency` stage.
+    simulated_latency_s: float = Field(0.0, ge=0.0)
 
 
 class RewardConfig(Section):

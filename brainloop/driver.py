@@ -52,6 +52,20 @@ class PendingGeneration:
 
 
 @dataclass
+class ScoringBatch:
+    """One step's completions in the reward pool: results arrive keyed (step, prompt, sample)."""
+
+    generation: PendingGeneration
+    completions: list
+    sampled_at: float
+    results: dict[tuple[int, int], tuple[ScoreResult, float]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) == sum(len(group) for group in self.completions)
+
+
+@dataclass
 class ProbeResult:
     version: int
     sampler_vs_learner: float  # max |log p| difference, sampler vs learner, same adapter
@@ -218,6 +232,52 @@ class Loop:
                 pending.ref, pending.launched_at = relaunched.ref, relaunched.launched_at
         raise RuntimeError(f"sampler failed three times on step {pending.step}")
 
+    # ---- scoring ---------------------------------------------------------------------------------
+    def _start_scoring(self, generation: PendingGeneration) -> ScoringBatch:
+        """Wait for a generation's completions and hand every text to the reward pool."""
+        completions = self._collect_generation(generation)
+        batch = ScoringBatch(generation, completions, time.time())
+        for pi, group in enumerate(completions):
+            for c in group:
+                self.pool.submit((generation.step, pi, c.sample_index), c.text)
+        self._scoring[generation.step] = batch
+        return batch
+
+    def _absorb(self, timeout_s: float) -> None:
+        """Route the pool's finished results to their steps' batches."""
+        for (step, pi, si), result in self.pool.poll(timeout_s):
+            self._scoring[step].results[(pi, si)] = (result, time.time())
+            for stage, seconds in result.timings.items():
+                self.metrics.latency("reward-worker", stage, seconds)
+
+    def _finish_scoring(self, batch: ScoringBatch) -> None:
+        while not batch.complete:
+            if not self.pool.pending():
+                raise RuntimeError(f"reward pool has no texts left but step {batch.generation.step} lacks "
+                                   f"{sum(map(len, batch.completions)) - len(batch.results)} results")
+            self._absorb(1.0)
+        del self._scoring[batch.generation.step]
+
+    def _score_ahead_until(self, update_ref: ray.ObjectRef, queue: deque[PendingGeneration]) -> ScoringBatch | None:
+        """While the learner updates on step t, start scoring step t+1 as soon as it is sampled, so
+        that with ``max_staleness >= 1`` the reward of t+1 overlaps the update of t, not only the
+        sampling. Returns when the update has finished."""
+        ahead = None
+        while True:
+            watch = [update_ref] if ahead is not None or not queue else [update_ref, queue[0].ref]
+            ready, _ = ray.wait(watch, num_returns=1, timeout=0.05 if ahead is None else 0)
+            if ahead is None and queue and queue[0].ref in ready:
+                ahead = self._start_scoring(queue.popleft())
+            if ahead is not None:
+                self._absorb(0.05)
+            if ray.wait([update_ref], timeout=0)[0]:
+                return ahead
+
+    def _discard_scoring(self) -> None:
+        """Let texts scored ahead finish and drop them (the session ends before their step)."""
+        for batch in list(self._scoring.values()):
+            self._finish_scoring(batch)
+
     def _wait_for_sampler(self, timeout_s: float = 600.0) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -258,6 +318,8 @@ class Loop:
         total = cfg.run.steps
         k = cfg.algo.max_staleness
         queue: deque[PendingGeneration] = deque()
+        self._scoring: dict[int, ScoringBatch] = {}
+        ahead: ScoringBatch | None = None  # step t+1, already in the reward pool while step t updated
         next_gen = self.state.step
         probe_pending = None
         t_start = time.time()
@@ -268,28 +330,23 @@ class Loop:
             # Keep up to k generations ahead in the sampler's queue: with k >= 1 step t+1 is sampled
             # while step t is scored and learned. The sampler runs calls in order, so a generation
             # launched now uses the newest adapter pushed so far: at most k versions behind.
-            while next_gen < total and next_gen <= step + (k if queue else 0) and len(queue) < k + 1:
+            while next_gen < total and next_gen <= step + (k if queue or ahead else 0) and len(queue) < k + 1:
                 queue.append(self._launch_generation(next_gen))
                 next_gen += 1
-            pending = queue.popleft()
-            completions = self._collect_generation(pending)
-            sampled_at = time.time()
-            for pi, group in enumerate(completions):
-                for c in group:
-                    self.pool.submit((pi, c.sample_index), c.text)
-            results: dict[tuple[int, int], tuple[ScoreResult, float]] = {}
-            for key, result in self.pool.results():
-                results[key] = (result, time.time())
-                for stage, seconds in result.timings.items():
-                    self.metrics.latency("reward-worker", stage, seconds)
+            batch, ahead = (ahead, None) if ahead is not None else (self._start_scoring(queue.popleft()), None)
+            t_sampled = time.time()
+            self._finish_scoring(batch)
             t_scored = time.time()
-            groups, rows = self._build_update(step, pending, completions, results, sampled_at)
+            groups, rows = self._build_update(step, batch)
             if probe_pending is not None:
                 self._record_probe(self._resolve_probe(probe_pending))
                 probe_pending = None
             update_stats: dict = {"skipped": True}
             if groups:
-                update_stats = ray.get(self.learner.update.remote(groups))
+                update_ref = self.learner.update.remote(groups)
+                if k > 0:
+                    ahead = self._score_ahead_until(update_ref, queue)
+                update_stats = ray.get(update_ref)
                 weights = iter(update_stats.pop("is_weights"))
                 for row in rows:
                     row["is_weight"] = next(weights) if row["used_in_update"] else None
@@ -305,7 +362,7 @@ class Loop:
                 row["learner_version"] = self.state.version - (0 if update_stats.get("skipped") else 1)
                 row["updated_at"] = t_updated
             self.files.write_rollouts(step, rows)
-            record = self._step_metrics(step, rows, update_stats, pending, t_step, sampled_at, t_scored, t_updated)
+            record = self._step_metrics(step, rows, update_stats, batch, t_step, t_sampled, t_scored, t_updated)
             self.files.append_metrics(record)
             self.state.step = step + 1
             done = self.state.step - first_step
@@ -319,15 +376,18 @@ class Loop:
                     probe_pending = None
                 self._checkpoint(step)
             if stop_after is not None and self.state.step - first_step >= stop_after:
+                self._discard_scoring()
                 return {"stopped_at_step": self.state.step}
         if probe_pending is not None:
             self._record_probe(self._resolve_probe(probe_pending))
         return self._finish(t_start)
 
-    def _build_update(self, step, pending, completions, results, sampled_at):
+    def _build_update(self, step: int, batch: ScoringBatch):
         from learner.learner import TrainGroup, TrainSample
 
         cfg = self.cfg
+        pending, completions, results = batch.generation, batch.completions, batch.results
+        sampled_at = batch.sampled_at
         groups, rows = [], []
         for pi, group in enumerate(completions):
             rewards = []
@@ -370,7 +430,11 @@ class Loop:
                 groups.append(TrainGroup(samples))
         return groups, rows
 
-    def _step_metrics(self, step, rows, update_stats, pending, t_step, sampled_at, t_scored, t_updated) -> dict:
+    def _step_metrics(self, step, rows, update_stats, batch: ScoringBatch, t_step, t_sampled, t_scored,
+                      t_updated) -> dict:
+        """One step's record. ``*_seconds`` are what this step's iteration waited for each stage (a step
+        sampled and scored ahead waits ~0 for both); ``reward_latency_seconds`` is the stage itself."""
+        pending = batch.generation
         rewards = np.array([r["reward"] for r in rows if r["reward"] is not None], dtype=np.float64)
         tokens = np.array([r["num_tokens"] for r in rows], dtype=np.float64)
         reward_mean = float(rewards.mean()) if rewards.size else float("nan")
@@ -389,8 +453,9 @@ class Loop:
             "temperature": pending.temperature,
             "staleness_max": max((self.state.version - (0 if update_stats.get("skipped") else 1)) - r["adapter_version"]
                                  for r in rows) if rows else 0,
-            "sample_seconds": sampled_at - max(pending.launched_at, t_step),
-            "reward_seconds": t_scored - sampled_at, "update_seconds": t_updated - t_scored,
+            "sample_seconds": t_sampled - t_step, "reward_seconds": t_scored - t_sampled,
+            "update_seconds": t_updated - t_scored, "reward_latency_seconds": t_scored - batch.sampled_at,
+            "scored_ahead": batch.sampled_at < t_step,
             "step_seconds": t_updated - t_step, "time": t_updated,
             "tokens_per_second": float(tokens.sum()) / max(1e-6, max(r["sample_finished_at"] for r in rows)
                                                            - min(r["sample_started_at"] for r in rows)),

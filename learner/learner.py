@@ -68,33 +68,41 @@ class Learner:
 
     # ---- the update -------------------------------------------------------------------------
     def _forward(self, samples: list[TrainSample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded batch -> (logits, ref_logits, targets, completion mask), shifted by one."""
+        """Right-padded batch -> (logits, ref_logits, targets, completion mask), shifted by one.
+
+        Only positions from the first completion token on reach the vocabulary projection
+        (``logits_to_keep``): prompt positions predict nothing we learn from, and the
+        vocabulary-sized logits are the largest tensors of the update. Column j of every
+        returned tensor is sequence position ``first + j``, ``first = shortest prompt - 1``."""
         seqs = [s.prompt_ids + s.completion_ids for s in samples]
         length = max(map(len, seqs))
+        first = min(len(s.prompt_ids) for s in samples) - 1
         ids = torch.zeros(len(seqs), length, dtype=torch.long)
         attention = torch.zeros(len(seqs), length, dtype=torch.long)
-        mask = torch.zeros(len(seqs), length - 1)
+        mask = torch.zeros(len(seqs), length - 1 - first)
         for i, (s, seq) in enumerate(zip(samples, seqs, strict=True)):
             ids[i, : len(seq)] = torch.tensor(seq)
             attention[i, : len(seq)] = 1
-            # position t predicts token t+1: completion tokens sit at P .. P+C-1
-            mask[i, len(s.prompt_ids) - 1 : len(seq) - 1] = 1.0
+            # position t predicts token t+1: completion tokens are predicted from P-1 .. P+C-2
+            mask[i, len(s.prompt_ids) - 1 - first : len(seq) - 1 - first] = 1.0
         ids, attention, mask = ids.to(self.device), attention.to(self.device), mask.to(self.device)
-        ref_logits = self._reference_logits(ids, attention)
-        logits = self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
-        return logits, ref_logits, ids[:, 1:], mask
+        keep = torch.arange(first, length - 1, device=self.device)
+        ref_logits = self._reference_logits(ids, attention, keep)
+        logits = self.model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
+        return logits, ref_logits, ids[:, first + 1 :], mask
 
     @torch.no_grad()
-    def _reference_logits(self, ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    def _reference_logits(self, ids: torch.Tensor, attention: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """pi_ref: the same model with its adapter disabled (no second copy of the weights)."""
         with self.model.disable_adapter():
-            return self.model(input_ids=ids, attention_mask=attention).logits[:, :-1]
+            return self.model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
 
     def _sampler_logprobs(self, samples: list[TrainSample], mask: torch.Tensor) -> torch.Tensor:
+        """The sampler's per-token log-probs laid out like ``mask`` (column = first masked one per row)."""
         out = torch.zeros_like(mask)
+        starts = mask.argmax(dim=1).tolist()  # the first completion column of each row
         for i, s in enumerate(samples):
-            start = len(s.prompt_ids) - 1
-            out[i, start : start + len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs)
+            out[i, starts[i] : starts[i] + len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs)
         return out
 
     def update(self, groups: list[TrainGroup]) -> dict[str, float]:
@@ -163,13 +171,13 @@ class Learner:
         """Per-token log-probs of a completion at temperature 1 (eval mode: no dropout)."""
         self.model.eval()
         ids = torch.tensor([prompt_ids + completion_ids], device=self.device)
+        keep = len(completion_ids) + 1  # positions P-1 .. P+C-1; the last predicts nothing we score
         if adapter:
-            logits = self.model(input_ids=ids).logits
+            logits = self.model(input_ids=ids, logits_to_keep=keep).logits
         else:
             with self.model.disable_adapter():
-                logits = self.model(input_ids=ids).logits
-        start = len(prompt_ids) - 1
-        logp = algo.token_log_probs(logits[:, start:-1], ids[:, start + 1 :])
+                logits = self.model(input_ids=ids, logits_to_keep=keep).logits
+        logp = algo.token_log_probs(logits[:, :-1], ids[:, len(prompt_ids) :])
         return logp[0].tolist()
 
     # ---- checkpoints -------------------------------------------------------------------------

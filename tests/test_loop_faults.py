@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -50,6 +51,13 @@ def test_async_overlaps_sampling_with_rewards_and_weights_off_policy_samples(ray
         end = scoring["scored_at"].max() if t == 0 else scoring["updated_at"].max()
         assert gen_next["sample_started_at"].min() < end, t
         assert gen_next["sample_finished_at"].max() > scoring["submitted_at"].min(), t
+    # Reward ahead: once step t+1 is sampled, its texts go to the pool while step t's update runs,
+    # so the reward of t+1 overlaps the update of t (the update of t ends after they were submitted).
+    ahead = [rows.loc[rows.step == t + 1, "submitted_at"].min() < rows.loc[rows.step == t, "updated_at"].max()
+             for t in range(3)]
+    steps = [m for m in (tmp_path / "async" / "metrics.jsonl").read_text().splitlines() if '"reward_mean"' in m]
+    flagged = [json.loads(m)["scored_ahead"] for m in steps]
+    assert any(ahead) and flagged[1:] == ahead and not flagged[0]
 
 
 def _kill_when(condition, action, timeout_s: float = 300.0) -> threading.Thread:

@@ -232,6 +232,21 @@ def test_same_text_scores_reproducibly_without_cache(pipe):
     assert rewards[0] == rewards[1] == rewards[2]
 
 
+def test_simulated_latency_sleeps_after_the_real_stages_and_changes_nothing_else(pipe, monkeypatch):
+    """``reward.pipeline.simulated_latency_s`` (benchmarks: GPU time we do not have) is a recorded
+    stage of its own; the score is the same, and text that never reaches the encoder does not wait."""
+    plain = pipe.score(PASSAGE)
+    monkeypatch.setitem(pipe.cfg, "simulated_latency_s", 0.3)
+    start = time.perf_counter()
+    slowed = pipe.score(PASSAGE)
+    assert time.perf_counter() - start >= 0.3
+    assert slowed.timings["simulated_latency"] >= 0.3 and "simulated_latency" not in plain.timings
+    assert slowed.reward == pytest.approx(plain.reward, abs=TTS_JITTER)
+    assert list(slowed.timings)[-2:] == ["simulated_latency", "scoring"]
+    empty = pipe.score("")
+    assert empty.status == "unspeakable" and "simulated_latency" not in empty.timings
+
+
 # ---- content-addressed cache ------------------------------------------------------------------------------
 
 
