@@ -254,6 +254,27 @@ def _print_report(report: dict[str, Any]) -> None:
         print(f"{label:<34}{b[key]:>9.3f}{b[key] / b['n_texts']:>9.3f}{speed:>9.2f}x")
 
 
+TARGET_SINGLE_PASS_SPEEDUP = 10.0  # at 150 words (the benchmark issue's target)
+
+
+def summarise(report: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Headline numbers and targets, derived from the measured sections only."""
+    from bench.common import target
+
+    summary: dict[str, Any] = {f"{stage}_s_per_text": s for stage, s in report["stages"]["median_s"].items()}
+    summary["total_s_per_text"] = report["stages"]["median_total_s"]
+    summary["median_words"] = report["stages"]["median_words"]
+    for row in report["text_features"]:
+        summary[f"single_pass_speedup_{row['n_words']}_words"] = row["speedup"]
+    for name, ratio in report["batching"].get("speedup_vs_one_at_a_time", {}).items():
+        summary[f"batching_speedup_{name.removesuffix('_s')}"] = ratio
+    targets = [target(f"single-pass vs per-word text features at {row['n_words']} words", row["speedup"],
+                      TARGET_SINGLE_PASS_SPEEDUP, True,
+                      "the per-word recomputation is what upstream does; see text_features rows")
+               for row in report["text_features"] if row["n_words"] == 150]
+    return summary, targets
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.reward_pipeline", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
@@ -282,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         report["batching"] = {"skipped": "--no-ray"}
     else:
         report["batching"] = bench_batching(pipe, pipeline_cfg, spec, batch_texts, rounds=1 if args.quick else 2)
+    report["summary"], report["targets"] = summarise(report)
     _print_report(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

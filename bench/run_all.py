@@ -55,6 +55,14 @@ def _stream(proc: subprocess.Popen, log: Any, name: str) -> None:
         print(f"[{name}] {line}", end="", flush=True)
 
 
+def _shown(path: Path) -> str:
+    """A path relative to the checkout when inside it (committed results name no one's home)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def run_bench(name: str, quick: bool, out_dir: Path, timeout_s: float) -> dict[str, Any]:
     if importlib.util.find_spec(f"bench.{name}") is None:  # finds the file without importing it
         return {"bench": name, "status": "skipped", "note": f"bench/{name}.py does not exist"}
@@ -86,7 +94,7 @@ def run_bench(name: str, quick: bool, out_dir: Path, timeout_s: float) -> dict[s
         return {"bench": name, "status": "error", "note": str(exc)}
     wall = time.perf_counter() - t0
     entry: dict[str, Any] = {"bench": name, "rc": rc, "wall_s": wall, "load_average_before": load,
-                             "json": str(json_path), "log": str(log_path)}
+                             "json": _shown(json_path), "log": _shown(log_path)}
     if timed_out:
         entry.update(status="failed", note=f"timed out after {timeout_s:.0f}s; see {log_path}")
         return entry
@@ -94,8 +102,21 @@ def run_bench(name: str, quick: bool, out_dir: Path, timeout_s: float) -> dict[s
         entry.update(status="failed", note=f"exit code {rc}; see {log_path}")
         return entry
     report = json.loads(json_path.read_text())
-    entry.update(status="ok", summary=headline(report), targets=report.get("targets", []))
+    entry.update(status="ok", date=report.get("machine", {}).get("date"), summary=headline(report),
+                 targets=report.get("targets", []))
     return entry
+
+
+def merged(index: Path, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The index of every bench's latest run: ``--only`` replaces its benches' entries and keeps the
+    others (each entry is dated by its own report)."""
+    fresh = {e["bench"]: e for e in entries}
+    try:
+        earlier = json.loads(index.read_text()).get("benches", [])
+    except (OSError, ValueError):
+        earlier = []
+    kept = {e["bench"]: e for e in earlier if e.get("bench") in BENCHES and e["bench"] not in fresh}
+    return [fresh.get(name) or kept[name] for name in BENCHES if name in fresh or name in kept]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             for t in e.get("targets", []):
                 if not t["met"]:
                     print(f"  {e['bench']}: {t['name']} missed -- {t.get('why_missed', '')}")
-    write_json(out_dir / "run_all.json", {"quick": args.quick, "machine": machine_info(), "benches": entries})
+    write_json(out_dir / "run_all.json", {"quick": args.quick, "machine": machine_info(),
+                                          "benches": merged(out_dir / "run_all.json", entries)})
     return 0 if all(e["status"] in ("ok", "skipped") for e in entries) else 1
 
 

@@ -81,14 +81,15 @@ def policy_loss(
     mask: torch.Tensor,
     advantages: torch.Tensor,
     kl_coef: float,
-    group_size: int,
+    group_size: int | torch.Tensor,
     is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The reference loss for a micro-batch of B sequences.
 
     logits/ref_logits (B, T, V) predict targets (B, T); mask (B, T) selects completion tokens;
-    advantages (B,). Returns the loss contribution (sum over the micro-batch divided by
-    ``group_size``, so micro-batches can be accumulated) and per-sequence statistics.
+    advantages (B,). ``group_size``: the size of the group each sequence belongs to, one number or
+    (B,) when a micro-batch mixes groups. Returns the loss contribution (each sequence's term divided
+    by its group's size, summed, so micro-batches can be accumulated) and per-sequence statistics.
     """
     logp = token_log_probs(logits, targets)
     weights = torch.ones_like(logp) if is_weights is None else is_weights
@@ -96,7 +97,7 @@ def policy_loss(
     kl_tok = full_kl(logits, ref_logits)
     kl_mean = masked_mean(kl_tok, mask)  # nats per token
     kl_sum = (kl_tok * mask).sum(-1)  # nats per sequence
-    loss = (advantages * weighted_ce + kl_coef * kl_mean).sum() / group_size
+    loss = ((advantages * weighted_ce + kl_coef * kl_mean) / group_size).sum()
     stats = {"ce": -masked_mean(logp.detach(), mask), "kl_per_token": kl_mean.detach(),
              "kl_per_sequence": kl_sum.detach(), "logp": logp.detach()}
     return loss, stats

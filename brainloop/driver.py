@@ -338,12 +338,12 @@ class Loop:
             self._finish_scoring(batch)
             t_scored = time.time()
             groups, rows = self._build_update(step, batch)
-            if probe_pending is not None:
+            update_ref = self.learner.update.remote(groups) if groups else None
+            if probe_pending is not None:  # k >= 1: the last push's probe is checked while this update runs
                 self._record_probe(self._resolve_probe(probe_pending))
                 probe_pending = None
             update_stats: dict = {"skipped": True}
-            if groups:
-                update_ref = self.learner.update.remote(groups)
+            if update_ref is not None:
                 if k > 0:
                     ahead = self._score_ahead_until(update_ref, queue)
                 update_stats = ray.get(update_ref)

@@ -118,25 +118,28 @@ class Learner:
         loss_total = 0.0
         n_groups = max(1, len(groups))
         micro = self.cfg["micro_batch_size"]
-        for group in groups:
-            samples = group.samples
-            for start in range(0, len(samples), micro):
-                chunk = samples[start : start + micro]
-                logits, ref_logits, targets, mask = self._forward(chunk)
-                on_policy = torch.tensor([s.adapter_version == self.version for s in chunk], device=self.device)
-                learner_logp = algo.token_log_probs(logits, targets)
-                weights = algo.truncated_importance_weights(
-                    learner_logp, self._sampler_logprobs(chunk, mask), on_policy, self.algo_cfg["importance_cap"]
-                )
-                adv = torch.tensor([s.advantage for s in chunk], device=self.device, dtype=torch.float32)
-                loss, st = algo.policy_loss(logits, ref_logits, targets, mask, adv, self.cfg["kl_coef"],
-                                            group_size=len(samples), is_weights=weights)
-                # Groups are averaged, so a step's loss does not grow with the number of prompts.
-                (loss / n_groups).backward()
-                loss_total += loss.item() / n_groups
-                for key in ("kl_per_token", "kl_per_sequence", "ce"):
-                    stats[key] += st[key].tolist()
-                stats["is_weight"] += algo.masked_mean(weights, mask).tolist()
+        # Micro-batches of up to `micro` sequences, across groups: each sequence's loss term is
+        # divided by its own group's size, so any batching gives the same gradient.
+        flat = [(sample, len(group.samples)) for group in groups for sample in group.samples]
+        for start in range(0, len(flat), micro):
+            chunk = [sample for sample, _ in flat[start : start + micro]]
+            sizes = torch.tensor([size for _, size in flat[start : start + micro]], device=self.device,
+                                 dtype=torch.float32)
+            logits, ref_logits, targets, mask = self._forward(chunk)
+            on_policy = torch.tensor([s.adapter_version == self.version for s in chunk], device=self.device)
+            learner_logp = algo.token_log_probs(logits, targets)
+            weights = algo.truncated_importance_weights(
+                learner_logp, self._sampler_logprobs(chunk, mask), on_policy, self.algo_cfg["importance_cap"]
+            )
+            adv = torch.tensor([s.advantage for s in chunk], device=self.device, dtype=torch.float32)
+            loss, st = algo.policy_loss(logits, ref_logits, targets, mask, adv, self.cfg["kl_coef"],
+                                        group_size=sizes, is_weights=weights)
+            # Groups are averaged, so a step's loss does not grow with the number of prompts.
+            (loss / n_groups).backward()
+            loss_total += loss.item() / n_groups
+            for key in ("kl_per_token", "kl_per_sequence", "ce"):
+                stats[key] += st[key].tolist()
+            stats["is_weight"] += algo.masked_mean(weights, mask).tolist()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"])
         self.optimizer.step()
         self.version += 1

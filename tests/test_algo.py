@@ -69,6 +69,19 @@ def test_policy_loss_kl_term_and_gradient_direction():
     assert logits.grad[1, 0, 0].item() == pytest.approx(0.25 + kl_grad, abs=1e-6)
 
 
+def test_policy_loss_mixed_group_sizes_equals_per_group_sums():
+    # A micro-batch holding two sequences of a group of 2 and one of a group of 4 contributes what
+    # the two groups would contribute separately.
+    torch.manual_seed(0)
+    logits, ref = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
+    targets, mask = torch.randint(0, 6, (3, 4)), torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    adv = torch.tensor([0.7, -0.7, 1.3])
+    mixed, _ = algo.policy_loss(logits, ref, targets, mask, adv, 0.1, group_size=torch.tensor([2.0, 2.0, 4.0]))
+    first, _ = algo.policy_loss(logits[:2], ref[:2], targets[:2], mask[:2], adv[:2], 0.1, group_size=2)
+    second, _ = algo.policy_loss(logits[2:], ref[2:], targets[2:], mask[2:], adv[2:], 0.1, group_size=4)
+    assert mixed.item() == pytest.approx((first + second).item(), abs=1e-6)
+
+
 def test_importance_weights_on_policy_are_exactly_one_and_capped():
     learner = torch.tensor([[0.0, math.log(0.5)]])
     sampler = torch.tensor([[math.log(0.1), math.log(0.5) + 1e-4]])
