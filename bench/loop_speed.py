@@ -51,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -220,10 +221,11 @@ class BenchLoop(Loop):
         if not hasattr(self, "probe_base"):
             super()._prepare_probe()
 
-    def _restore(self) -> None:
-        if not self._restored:
-            super()._restore()
-            self._restored = True
+    def _restore(self) -> deque:
+        if self._restored:
+            return deque()
+        self._restored = True
+        return super()._restore()
 
     def drain(self) -> None:
         """Wait until the sampler and learner have finished everything queued (an async block

@@ -2,8 +2,11 @@
 
 A checkpoint is a folder ``checkpoints/step_000012/`` holding the learner state (adapter,
 optimizer, version, RNG; a torch file loaded with ``weights_only=True``), the adapter in PEFT
-format, and ``driver.json`` (step, counters). It is built under a temporary name and renamed into
-place once complete, with a ``COMPLETE`` marker written last; readers ignore folders without it.
+format, ``driver.json`` (step, counters, the generations in flight and the adapter version each
+samples from) and, with ``max_staleness >= 1``, the older adapters those generations use
+(``adapter_v000011/``), so that a resumed asynchronous run samples exactly what it would have.
+It is built under a temporary name and renamed into place once complete, with a ``COMPLETE``
+marker written last; readers ignore folders without it.
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(root: Path, step: int, learner_state: bytes, adapter_files: dict[str, bytes],
-                    driver_state: dict, keep: int = 3) -> Path:
+                    driver_state: dict, keep: int = 3,
+                    older_adapters: dict[int, dict[str, bytes]] | None = None) -> Path:
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp-step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -40,6 +44,11 @@ def save_checkpoint(root: Path, step: int, learner_state: bytes, adapter_files: 
     _write(tmp / "learner_state.pt", learner_state)
     for name, blob in adapter_files.items():
         _write(tmp / "adapter" / name, blob)
+    for version, files in (older_adapters or {}).items():
+        folder = tmp / f"adapter_v{version:06d}"
+        folder.mkdir()
+        for name, blob in files.items():
+            _write(folder / name, blob)
     _write(tmp / "driver.json", json.dumps(driver_state, indent=1).encode())
     _write(tmp / MARKER, b"")
     if final.exists():
@@ -67,3 +76,10 @@ def latest_checkpoint(root: Path) -> Path | None:
 def load_checkpoint(path: Path) -> tuple[bytes, dict[str, bytes], dict]:
     adapter = {p.name: p.read_bytes() for p in (path / "adapter").iterdir() if p.is_file()}
     return (path / "learner_state.pt").read_bytes(), adapter, json.loads((path / "driver.json").read_text())
+
+
+def load_older_adapters(path: Path) -> dict[int, dict[str, bytes]]:
+    """The older adapter versions a checkpoint keeps for its in-flight generations (may be none)."""
+    return {int(folder.name.removeprefix("adapter_v")): {p.name: p.read_bytes() for p in folder.iterdir()
+                                                         if p.is_file()}
+            for folder in sorted(path.glob("adapter_v*")) if folder.is_dir()}

@@ -29,7 +29,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from brainloop import algo
-from brainloop.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from brainloop.checkpoint import latest_checkpoint, load_checkpoint, load_older_adapters, save_checkpoint
 from brainloop.config import Config, dump_config
 from brainloop.metrics import RunMetrics
 from brainloop.prompts import Prompt, load_prompts, prompts_for_step, split
@@ -49,6 +49,7 @@ class PendingGeneration:
     temperature: float
     ref: ray.ObjectRef
     launched_at: float
+    adapter_version: int  # the version it samples from: the newest pushed when it was launched
 
 
 @dataclass
@@ -163,6 +164,7 @@ class Loop:
         self.pool.ready()
         ray.get(self.learner.info.remote())
         self.latest_adapter = None  # (version, ObjectRef of the newest exported adapter files)
+        self.recent_adapters: dict[int, ray.ObjectRef] = {}
         self.sampler_restarts = 0
 
     def _prepare_probe(self) -> None:
@@ -205,10 +207,16 @@ class Loop:
 
     def _push_adapter(self, version: int, adapter_ref: ray.ObjectRef) -> None:
         self.latest_adapter = (version, adapter_ref)
+        # Generations in flight may sample from the last k+1 versions: a checkpoint keeps them.
+        self.recent_adapters[version] = adapter_ref
+        for old in sorted(self.recent_adapters)[: -(self.cfg.algo.max_staleness + 1)]:
+            del self.recent_adapters[old]
         self.sampler.load_adapter.remote(version, adapter_ref)
 
     # ---- generation ------------------------------------------------------------------------------
-    def _launch_generation(self, step: int) -> PendingGeneration:
+    def _launch_generation(self, step: int, version: int | None = None) -> PendingGeneration:
+        """Queue step ``step``'s sampling; ``version=None``: the newest adapter pushed so far (the
+        sampler runs calls in order, so that is the newest when it runs)."""
         cfg = self.cfg
         prompts = prompts_for_step(self.train_prompts, step, cfg.prompts.prompts_per_step, cfg.run.seed)
         temperature = algo.linear_schedule(step, cfg.run.steps, cfg.sampler.temperature_start,
@@ -216,8 +224,9 @@ class Loop:
         ref = self.sampler.generate.remote(
             [p.text for p in prompts], n=cfg.sampler.num_completions, max_new_tokens=cfg.sampler.max_new_tokens,
             temperature=temperature, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
-            seed=cfg.run.seed * 1_000_003 + step)
-        return PendingGeneration(step, prompts, temperature, ref, time.time())
+            seed=cfg.run.seed * 1_000_003 + step, version=version)
+        expected = version if version is not None else (self.latest_adapter[0] if self.latest_adapter else 0)
+        return PendingGeneration(step, prompts, temperature, ref, time.time(), expected)
 
     def _collect_generation(self, pending: PendingGeneration):
         """Completions of a launched generation; a dead sampler is restarted with the latest adapter."""
@@ -290,23 +299,35 @@ class Loop:
                 time.sleep(1.0)
 
     # ---- the loop ----------------------------------------------------------------------------------
-    def _restore(self) -> None:
+    def _restore(self) -> deque[PendingGeneration]:
+        """Continue from the latest checkpoint (with ``--resume``). Returns the generations that were
+        in flight when it was written, relaunched from the adapter versions they sampled from, in the
+        order the uninterrupted run pushed and launched them."""
         ckpt = latest_checkpoint(self.files.checkpoints) if self.resume else None
         if ckpt is None:
             self.files.truncate_after(-1)
-            return
+            return deque()
         learner_state, adapter_files, driver_state = load_checkpoint(ckpt)
+        older = load_older_adapters(ckpt)
         version = ray.get(self.learner.load_state.remote(learner_state))
-        if version > 0:
-            adapter_ref = ray.put(adapter_files)
-            self._push_adapter(version, adapter_ref)
         self.state.step = driver_state["step"] + 1
         self.state.version = version
         self.state.best_reward = driver_state["best_reward"]
         self.state.samples_scored = driver_state["samples_scored"]
         self.state.samples_failed = driver_state["samples_failed"]
         self.files.truncate_after(driver_state["step"])
-        print(f"[brainloop] resumed from {ckpt.name}: next step {self.state.step}, adapter v{version}", flush=True)
+        relaunched: deque[PendingGeneration] = deque()
+        for pending in sorted(driver_state.get("pending_generations", []), key=lambda p: p["step"]):
+            used = pending["adapter_version"]
+            if used > (self.latest_adapter[0] if self.latest_adapter else 0):
+                files = adapter_files if used == version else older[used]
+                self._push_adapter(used, ray.put(files))
+            relaunched.append(self._launch_generation(pending["step"], version=used))
+        if version > (self.latest_adapter[0] if self.latest_adapter else 0):
+            self._push_adapter(version, ray.put(adapter_files))
+        print(f"[brainloop] resumed from {ckpt.name}: next step {self.state.step}, adapter v{version}"
+              + (f", {len(relaunched)} generation(s) relaunched as they were" if relaunched else ""), flush=True)
+        return relaunched
 
     def run(self, stop_after: int | None = None) -> dict:
         """Run to the configured number of steps. ``stop_after`` ends the session after that many
@@ -314,13 +335,12 @@ class Loop:
         cfg = self.cfg
         self._start_actors()
         self._prepare_probe()
-        self._restore()
+        queue = self._restore()
         total = cfg.run.steps
         k = cfg.algo.max_staleness
-        queue: deque[PendingGeneration] = deque()
         self._scoring: dict[int, ScoringBatch] = {}
         ahead: ScoringBatch | None = None  # step t+1, already in the reward pool while step t updated
-        next_gen = self.state.step
+        next_gen = self.state.step + len(queue)
         probe_pending = None
         t_start = time.time()
         first_step = self.state.step
@@ -374,7 +394,7 @@ class Loop:
                 if probe_pending is not None:
                     self._record_probe(self._resolve_probe(probe_pending))
                     probe_pending = None
-                self._checkpoint(step)
+                self._checkpoint(step, [*([ahead.generation] if ahead else []), *queue])
             if stop_after is not None and self.state.step - first_step >= stop_after:
                 self._discard_scoring()
                 return {"stopped_at_step": self.state.step}
@@ -474,13 +494,19 @@ class Loop:
         self.metrics.gauges("driver", {"probe_sampler_vs_learner": probe.sampler_vs_learner,
                                        "probe_adapter_vs_base": probe.adapter_vs_base})
 
-    def _checkpoint(self, step: int) -> None:
+    def _checkpoint(self, step: int, in_flight: list[PendingGeneration]) -> None:
+        """``in_flight``: generations of later steps already launched (max_staleness >= 1); a resume
+        relaunches them from the same adapter versions."""
         learner_state = ray.get(self.learner.state.remote())
         adapter_files = ray.get(self.learner.export_adapter.remote())
+        pending = [{"step": g.step, "adapter_version": g.adapter_version} for g in in_flight]
+        older = {g.adapter_version: ray.get(self.recent_adapters[g.adapter_version]) for g in in_flight
+                 if 0 < g.adapter_version != self.state.version}
         driver_state = {"step": step, "version": self.state.version, "best_reward": self.state.best_reward,
                         "samples_scored": self.state.samples_scored, "samples_failed": self.state.samples_failed,
-                        "time": time.time()}
-        path = save_checkpoint(self.files.checkpoints, step, learner_state, adapter_files, driver_state)
+                        "pending_generations": pending, "time": time.time()}
+        path = save_checkpoint(self.files.checkpoints, step, learner_state, adapter_files, driver_state,
+                               older_adapters=older)
         print(f"[brainloop] checkpoint {path}", flush=True)
 
     def _finish(self, t_start: float) -> dict:

@@ -54,3 +54,25 @@ def test_three_steps_then_resume_matches_uninterrupted(ray_cluster, tmp_path):
     assert list(resumed["prompt_id"]) == list(full["prompt_id"])
     # Same checkpoint, same seeds: the redone steps sample the same completions.
     assert list(resumed["completion"]) == list(full["completion"])
+
+
+@pytest.mark.slow
+def test_async_resume_relaunches_in_flight_generations_from_their_adapters(ray_cluster, tmp_path):
+    """k = 1: when a checkpoint is written, the next step is already sampling from the adapter one
+    version behind. The checkpoint keeps that adapter; a resume relaunches the generation from it,
+    so the resumed run samples exactly the uninterrupted run's completions."""
+    cfg = small_config(4, algo={"max_staleness": 1})
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    run_loop(cfg, full_dir)
+    full = rollouts(full_dir)
+    assert list(full.groupby("step")["adapter_version"].max()) == [0, 0, 1, 2]  # one version behind
+    run_loop(cfg, cut_dir, stop_after=3)
+    ckpt = cut_dir / "checkpoints" / "step_000001"  # after step 1 (learner v2); step 2 samples from v1
+    driver = json.loads((ckpt / "driver.json").read_text())
+    assert driver["pending_generations"] == [{"step": 2, "adapter_version": 1}]
+    assert (ckpt / "adapter_v000001" / "adapter_model.safetensors").is_file()
+    run_loop(cfg, cut_dir, resume=True)
+    resumed = rollouts(cut_dir)
+    pd.testing.assert_frame_equal(resumed[KEY], full[KEY])
+    assert list(resumed["adapter_version"]) == list(full["adapter_version"])
+    assert list(resumed["completion"]) == list(full["completion"])
