@@ -227,6 +227,12 @@ class BenchLoop(Loop):
         self._restored = True
         return super()._restore()
 
+    def start(self) -> None:
+        """Actors, probe baseline and run directory, once (what ``run`` does first)."""
+        self._start_actors()
+        self._prepare_probe()
+        self._restore()
+
     def drain(self) -> None:
         """Wait until the sampler and learner have finished everything queued (an async block
         leaves one generation and one probe in flight), so blocks never overlap."""
@@ -395,9 +401,7 @@ def run_phase(cfg: Config, variants: tuple[str, ...], rounds: int, per_block: in
     blocks: list[dict[str, Any]] = []
     try:
         t0 = time.time()
-        loop._start_actors()
-        loop._prepare_probe()
-        loop._restore()
+        loop.start()
         actors_seconds = time.time() - t0
         t0 = time.time()
         ref = ReferenceLoop(cfg) if "reference" in variants else None

@@ -107,6 +107,14 @@ def _collect_spans(actors: list) -> list[list[tuple[float, float]]]:
     return ray.get([a.spans.remote() for a in actors])
 
 
+def _record(used: list, t0: float, t_submitted: float, t1: float, cpu: float, latency: float) -> dict[str, Any]:
+    """One run's figures from the workers' own call spans (the same for the pool and plain Ray)."""
+    spans = _collect_spans(used)
+    return {"wall_s": t1 - t0, "submit_s": t_submitted - t0, "driver_cpu_s": cpu,
+            "calls_min": min(map(len, spans)), "calls_max": max(map(len, spans)),
+            **loss_split(spans, t0, t1, latency)}
+
+
 def run_pool(actors: list, n: int, texts: list[str], latency: float) -> dict[str, Any]:
     used = actors[:n]
     pool = RewardPool(lambda i: used[i], n, timeout_s=max(60.0, 20 * latency), max_attempts=1)
@@ -123,10 +131,7 @@ def run_pool(actors: list, n: int, texts: list[str], latency: float) -> dict[str
     if len(results) != len(texts) or bad:
         raise RuntimeError(f"pool returned {len(results)}/{len(texts)} results, {len(bad)} not ok: "
                            f"{bad[0].error if bad else ''}")
-    spans = _collect_spans(used)
-    return {"wall_s": t1 - t0, "submit_s": t_submitted - t0, "driver_cpu_s": cpu,
-            "calls_min": min(map(len, spans)), "calls_max": max(map(len, spans)),
-            **loss_split(spans, t0, t1, latency)}
+    return _record(used, t0, t_submitted, t1, cpu, latency)
 
 
 def run_ray(actors: list, n: int, texts: list[str], latency: float) -> dict[str, Any]:
@@ -140,10 +145,7 @@ def run_ray(actors: list, n: int, texts: list[str], latency: float) -> dict[str,
     cpu = time.process_time() - cpu0
     if not all(r.ok for r in results):
         raise RuntimeError("a SleepScorer call failed")
-    spans = _collect_spans(used)
-    return {"wall_s": t1 - t0, "submit_s": t_submitted - t0, "driver_cpu_s": cpu,
-            "calls_min": min(map(len, spans)), "calls_max": max(map(len, spans)),
-            **loss_split(spans, t0, t1, latency)}
+    return _record(used, t0, t_submitted, t1, cpu, latency)
 
 
 BOUNDS = {

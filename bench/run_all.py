@@ -96,10 +96,10 @@ def run_bench(name: str, quick: bool, out_dir: Path, timeout_s: float) -> dict[s
     entry: dict[str, Any] = {"bench": name, "rc": rc, "wall_s": wall, "load_average_before": load,
                              "json": _shown(json_path), "log": _shown(log_path)}
     if timed_out:
-        entry.update(status="failed", note=f"timed out after {timeout_s:.0f}s; see {log_path}")
+        entry.update(status="failed", note=f"timed out after {timeout_s:.0f}s; see {_shown(log_path)}")
         return entry
     if rc != 0 or not json_path.is_file():
-        entry.update(status="failed", note=f"exit code {rc}; see {log_path}")
+        entry.update(status="failed", note=f"exit code {rc}; see {_shown(log_path)}")
         return entry
     report = json.loads(json_path.read_text())
     entry.update(status="ok", date=report.get("machine", {}).get("date"), summary=headline(report),

@@ -76,6 +76,7 @@ TASK = {
 }
 QUICK_TASK = {"prompts": {"prompts_per_step": 1}, "sampler": {"num_completions": 2, "max_new_tokens": 8}}
 TARGET_RATIO = 0.6
+VARIANTS = ("trl", "sync", "async")  # alternated in this order, rotated each round
 
 # TRL / transformers TrainingArguments defaults changed for this task, and why.
 TRL_OVERRIDES = {
@@ -284,16 +285,11 @@ def run_trl_block(settings: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
-def schedule(rounds: int) -> list[tuple[int, str]]:
-    names = ["trl", "sync", "async"]
-    return [(r, names[(r + i) % len(names)]) for r in range(rounds) for i in range(len(names))]
-
-
 def run_bench(cfg, rounds: int, per_block: int, cores: int, quick: bool) -> dict[str, Any]:
     import ray
 
     from bench.common import load_average, machine_info, start_local_ray, target
-    from bench.loop_speed import BenchLoop, CpuMeter, summarise_variant
+    from bench.loop_speed import BenchLoop, CpuMeter, schedule, summarise_variant
 
     load_start = load_average()
     t_start = time.time()
@@ -306,10 +302,8 @@ def run_bench(cfg, rounds: int, per_block: int, cores: int, quick: bool) -> dict
     trl_meta: dict[str, Any] = {}
     trl_step = 0
     try:
-        loop._start_actors()
-        loop._prepare_probe()
-        loop._restore()
-        for rnd, variant in schedule(rounds):
+        loop.start()
+        for rnd, variant in schedule(rounds, VARIANTS):
             load = load_average()
             print(f"[trl_grpo] round {rnd + 1}/{rounds}: {variant} x {per_block} steps (load {load})", flush=True)
             if variant == "trl":
@@ -329,7 +323,7 @@ def run_bench(cfg, rounds: int, per_block: int, cores: int, quick: bool) -> dict
         ray.shutdown()
 
     variants = {}
-    for name in ("trl", "sync", "async"):
+    for name in VARIANTS:
         chosen = [b for b in blocks if b["variant"] == name]
         for b in chosen:  # TRL's stage keys may be None when a step had no generation (never expected)
             for s in b["steps"]:
@@ -349,7 +343,8 @@ def run_bench(cfg, rounds: int, per_block: int, cores: int, quick: bool) -> dict
                      "steps_per_block": per_block, "warmup_steps_per_block": 1,
                      "alternation": "whole runs: a TRL process, a brainloop-sync block, a brainloop-async block "
                                     "per round, order rotated (TRL and the Loop live in different venvs)",
-                     "order": [f"{v}@{r}" for r, v in schedule(rounds)], "reward_cache": False, "cores": cores,
+                     "order": [f"{v}@{r}" for r, v in schedule(rounds, VARIANTS)], "reward_cache": False,
+                     "cores": cores,
                      "trl_threads": cores, "step_seconds": "wall time between consecutive step ends"},
         "trl_overrides": {k: {"value": v, "why": why} for k, (v, why) in TRL_OVERRIDES.items()},
         "trl": trl_meta, "total_wall_seconds": time.time() - t_start,

@@ -163,7 +163,7 @@ class Loop:
         self.pool = RewardPool(make_worker, reward.num_workers, reward.timeout_s, reward.max_attempts)
         self.pool.ready()
         ray.get(self.learner.info.remote())
-        self.latest_adapter = None  # (version, ObjectRef of the newest exported adapter files)
+        # version -> ObjectRef of its exported adapter files, for the last k+1 versions pushed
         self.recent_adapters: dict[int, ray.ObjectRef] = {}
         self.sampler_restarts = 0
 
@@ -200,13 +200,21 @@ class Loop:
     def _restore_sampler(self) -> None:
         """Wait for Ray to restart a dead sampler, then load the newest adapter into it."""
         self._wait_for_sampler()
-        if self.latest_adapter is not None and self.latest_adapter[0] not in ray.get(
-                self.sampler.loaded_versions.remote()):
-            ray.get(self.sampler.load_adapter.remote(*self.latest_adapter))
+        newest = self._newest_pushed()
+        if newest and newest not in ray.get(self.sampler.loaded_versions.remote()):
+            ray.get(self.sampler.load_adapter.remote(newest, self.recent_adapters[newest]))
         self.sampler_restarts += 1
 
+    def _newest_pushed(self) -> int:
+        """The newest adapter version pushed to the sampler, 0 (the base model) before any."""
+        return max(self.recent_adapters, default=0)
+
+    def _pushed_or_exported(self) -> dict[str, bytes]:
+        """The learner's current adapter files: the push already exported them, else export now."""
+        ref = self.recent_adapters.get(self.state.version)
+        return ray.get(ref if ref is not None else self.learner.export_adapter.remote())
+
     def _push_adapter(self, version: int, adapter_ref: ray.ObjectRef) -> None:
-        self.latest_adapter = (version, adapter_ref)
         # Generations in flight may sample from the last k+1 versions: a checkpoint keeps them.
         self.recent_adapters[version] = adapter_ref
         for old in sorted(self.recent_adapters)[: -(self.cfg.algo.max_staleness + 1)]:
@@ -225,7 +233,7 @@ class Loop:
             [p.text for p in prompts], n=cfg.sampler.num_completions, max_new_tokens=cfg.sampler.max_new_tokens,
             temperature=temperature, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
             seed=cfg.run.seed * 1_000_003 + step, version=version)
-        expected = version if version is not None else (self.latest_adapter[0] if self.latest_adapter else 0)
+        expected = version if version is not None else self._newest_pushed()
         return PendingGeneration(step, prompts, temperature, ref, time.time(), expected)
 
     def _collect_generation(self, pending: PendingGeneration):
@@ -239,6 +247,7 @@ class Loop:
                 self._restore_sampler()
                 relaunched = self._launch_generation(pending.step)
                 pending.ref, pending.launched_at = relaunched.ref, relaunched.launched_at
+                pending.adapter_version = relaunched.adapter_version
         raise RuntimeError(f"sampler failed three times on step {pending.step}")
 
     # ---- scoring ---------------------------------------------------------------------------------
@@ -319,11 +328,11 @@ class Loop:
         relaunched: deque[PendingGeneration] = deque()
         for pending in sorted(driver_state.get("pending_generations", []), key=lambda p: p["step"]):
             used = pending["adapter_version"]
-            if used > (self.latest_adapter[0] if self.latest_adapter else 0):
+            if used > self._newest_pushed():
                 files = adapter_files if used == version else older[used]
                 self._push_adapter(used, ray.put(files))
             relaunched.append(self._launch_generation(pending["step"], version=used))
-        if version > (self.latest_adapter[0] if self.latest_adapter else 0):
+        if version > self._newest_pushed():
             self._push_adapter(version, ray.put(adapter_files))
         print(f"[brainloop] resumed from {ckpt.name}: next step {self.state.step}, adapter v{version}"
               + (f", {len(relaunched)} generation(s) relaunched as they were" if relaunched else ""), flush=True)
@@ -498,7 +507,7 @@ class Loop:
         """``in_flight``: generations of later steps already launched (max_staleness >= 1); a resume
         relaunches them from the same adapter versions."""
         learner_state = ray.get(self.learner.state.remote())
-        adapter_files = ray.get(self.learner.export_adapter.remote())
+        adapter_files = self._pushed_or_exported()
         pending = [{"step": g.step, "adapter_version": g.adapter_version} for g in in_flight]
         older = {g.adapter_version: ray.get(self.recent_adapters[g.adapter_version]) for g in in_flight
                  if 0 < g.adapter_version != self.state.version}
@@ -510,7 +519,7 @@ class Loop:
         print(f"[brainloop] checkpoint {path}", flush=True)
 
     def _finish(self, t_start: float) -> dict:
-        adapter_files = ray.get(self.learner.export_adapter.remote())
+        adapter_files = self._pushed_or_exported()
         final = self.files.root / "final_adapter"
         final.mkdir(exist_ok=True)
         for name, blob in adapter_files.items():

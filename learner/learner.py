@@ -92,7 +92,7 @@ class Learner:
         return logits, ref_logits, ids[:, first + 1 :], mask
 
     @torch.no_grad()
-    def _reference_logits(self, ids: torch.Tensor, attention: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _reference_logits(self, ids: torch.Tensor, attention: torch.Tensor, keep: torch.Tensor | int) -> torch.Tensor:
         """pi_ref: the same model with its adapter disabled (no second copy of the weights)."""
         with self.model.disable_adapter():
             return self.model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
@@ -175,11 +175,11 @@ class Learner:
         self.model.eval()
         ids = torch.tensor([prompt_ids + completion_ids], device=self.device)
         keep = len(completion_ids) + 1  # positions P-1 .. P+C-1; the last predicts nothing we score
+        attention = torch.ones_like(ids)
         if adapter:
-            logits = self.model(input_ids=ids, logits_to_keep=keep).logits
+            logits = self.model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
         else:
-            with self.model.disable_adapter():
-                logits = self.model(input_ids=ids, logits_to_keep=keep).logits
+            logits = self._reference_logits(ids, attention, keep)
         logp = algo.token_log_probs(logits[:, :-1], ids[:, len(prompt_ids) :])
         return logp[0].tolist()
 
