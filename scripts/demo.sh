@@ -11,8 +11,10 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_AUTH_MODE=token
 if [ -z "${NILEARN_DATA:-}" ] && [ -d ../shared/nilearn_data ]; then
   export NILEARN_DATA=$(cd ../shared/nilearn_data && pwd)  # offline copy of the Destrieux atlas
 fi
-CONFIG=${BRAINLOOP_CONFIG:-configs/demo.yaml}
-RUN_DIR=${BRAINLOOP_RUN_DIR:-$PWD/runs/demo-$(date +%Y%m%d-%H%M%S)}
+CONFIG=$(realpath "${BRAINLOOP_CONFIG:-configs/demo.yaml}")
+RUN_DIR=$(realpath -m "${BRAINLOOP_RUN_DIR:-runs/demo-$(date +%Y%m%d-%H%M%S)}")  # absolute: the job runs elsewhere
+# runs/ is git-ignored, so a fresh clone has none: create the run's parent before anything writes there.
+mkdir -p "$(dirname "$RUN_DIR")"
 python -m brainloop.job --config "$CONFIG" --validate-only "$@"
 bash scripts/ray_local.sh start
 DASHBOARD=http://127.0.0.1:${BRAINLOOP_DASHBOARD_PORT:-8265}
@@ -23,7 +25,7 @@ JOB_ID="brainloop-$(basename "$RUN_DIR")"
 # the job: `ray job submit` does not retry a failed job, see scripts/submit_with_retry.sh).
 for try in 1 2 3 4 5 6 7 8 9 10; do
   if ray job submit --no-wait --address "$DASHBOARD" --submission-id "$JOB_ID" --runtime-env-json "$ENV_JSON" -- \
-      python -m brainloop.job --config "$PWD/$CONFIG" --run-dir "$RUN_DIR" "$@" >/dev/null 2>"$RUN_DIR.submit.err"; then
+      python -m brainloop.job --config "$CONFIG" --run-dir "$RUN_DIR" "$@" >/dev/null 2>"$RUN_DIR.submit.err"; then
     break
   fi
   [ "$try" = 10 ] && { cat "$RUN_DIR.submit.err" >&2; exit 1; }
