@@ -11,18 +11,42 @@ from __future__ import annotations
 import gc
 import json
 import os
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from actors.sampler import preserved_global_rng
-
 RawSample = tuple[list[int], list[float]]
 DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024 * 1024  # ~11k tokens of SmolLM2-135M KV in float32
 
 
-def _eos_ids(tokenizer: Any, model_path: str) -> frozenset[int]:
+
+@contextmanager
+def preserved_global_rng() -> Iterator[None]:
+    """Restore Python, NumPy and torch global RNG states on exit.
+
+    In-process ``vllm.LLM(seed=...)`` calls ``set_random_seed`` on the caller's global RNGs; the
+    caller (a test, or a driver co-hosting the sampler) must not see that.
+    """
+    import numpy as np
+    import torch
+
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def eos_token_ids(tokenizer: Any, model_path: str) -> frozenset[int]:
     """EOS ids from the tokenizer and generation_config.json (which may list several)."""
     ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
     gen_cfg = Path(model_path) / "generation_config.json"
@@ -87,7 +111,7 @@ class VllmEngine:
         with preserved_global_rng():  # LLM(seed=) reseeds the caller's global RNGs in-process
             self.llm = LLM(model_path, **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
-        self.eos_ids = _eos_ids(self.tokenizer, model_path)
+        self.eos_ids = eos_token_ids(self.tokenizer, model_path)
         self._lora: dict[int, Any] = {}  # version -> LoRARequest
 
     def add_adapter(self, version: int, name: str, path: str) -> None:
@@ -195,7 +219,7 @@ class TransformersEngine:
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
         self.model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.eos_ids = _eos_ids(self.tokenizer, model_path)
+        self.eos_ids = eos_token_ids(self.tokenizer, model_path)
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
         self.peft: Any = None  # PeftModel once the first adapter arrives

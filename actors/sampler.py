@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from actors.engines import preserved_global_rng
 
 ENGINES = ("vllm", "transformers")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -124,30 +124,6 @@ def versions_to_evict(loaded: Iterable[int], keep: int) -> list[int]:
 def adapter_name(version: int) -> str:
     """Engine-side name of an adapter version (a new name per version, never reused)."""
     return f"policy-v{version}"
-
-
-@contextmanager
-def preserved_global_rng() -> Iterator[None]:
-    """Restore Python, NumPy and torch global RNG states on exit.
-
-    In-process ``vllm.LLM(seed=...)`` calls ``set_random_seed`` on the caller's global RNGs; the
-    caller (a test, or a driver co-hosting the sampler) must not see that.
-    """
-    import numpy as np
-    import torch
-
-    py_state = random.getstate()
-    np_state = np.random.get_state()
-    torch_state = torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
 
 
 def materialise_adapter(adapter: Mapping[str, Any] | str | os.PathLike, out_dir: Path) -> Path:

@@ -114,6 +114,8 @@ def own_weights(model) -> None:
 
 
 def _second_copy_class():
+    from contextlib import contextmanager
+
     import torch
 
     from learner.learner import Learner
@@ -136,6 +138,12 @@ def _second_copy_class():
         def _reference_logits(self, ids, attention, keep):
             # The reference's way: pi_ref from a second, frozen full copy of the model.
             return self.ref_model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
+
+        @contextmanager
+        def _reference(self):
+            # The update's pi_ref: the second copy's decoder (its head's weights equal the policy's).
+            with torch.no_grad():
+                yield self.ref_model.get_decoder()
 
     return SecondCopyLearner
 

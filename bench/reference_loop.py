@@ -73,7 +73,7 @@ class ReferenceLoop:
         import torch
         from transformers import AutoTokenizer
 
-        from actors.engines import _eos_ids
+        from actors.engines import eos_token_ids
         from brainloop.models import resolve_model
         from brainloop.prompts import load_prompts, split
         from learner.learner import Learner
@@ -84,9 +84,9 @@ class ReferenceLoop:
         self.train_prompts = split(load_prompts(cfg.prompts.file), "train")
         model_path = resolve_model(cfg.policy.model)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.eos_ids = _eos_ids(self.tokenizer, model_path)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, model_path)
         pad = self.tokenizer.pad_token_id
-        self.pad_id = int(pad) if pad is not None else min(self.eos_ids)
+        self.pad_id = int(pad) if pad is not None else min(self.eos_token_ids)
         pipeline = cfg.reward.pipeline.model_dump()
         pipeline["torch_threads"] = self.threads
         # build_pipeline sets torch's (process-wide) thread count; the learner sets it again below.
@@ -114,7 +114,7 @@ class ReferenceLoop:
         cfg = self.cfg.sampler
         gen = GenerationConfig(
             do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-            num_return_sequences=cfg.num_completions, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+            num_return_sequences=cfg.num_completions, eos_token_id=sorted(self.eos_token_ids), pad_token_id=self.pad_id,
             return_dict_in_generate=True, output_logits=True,  # raw logits: temperature-1 log-probs
         )
         model = self.learner.model
@@ -132,9 +132,9 @@ class ReferenceLoop:
                 chosen = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
                 group = []
                 for k in range(new.shape[0]):
-                    tokens, lps, finish = cut_at_eos(new[k].tolist(), chosen[k].tolist(), self.eos_ids,
+                    tokens, lps, finish = cut_at_eos(new[k].tolist(), chosen[k].tolist(), self.eos_token_ids,
                                                      cfg.max_new_tokens)
-                    text_ids = [t for t in tokens if t not in self.eos_ids]
+                    text_ids = [t for t in tokens if t not in self.eos_token_ids]
                     group.append({"prompt_ids": ids, "token_ids": tokens, "logprobs": lps, "finish": finish,
                                   "text": self.tokenizer.decode(text_ids, skip_special_tokens=True)})
                 groups.append(group)
@@ -202,8 +202,8 @@ def run_reference_steps(cfg: Config, steps: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from brainloop.config import _merge as merge
     from brainloop.config import load_config, parse_override
+    from brainloop.config import merge_overrides as merge
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))

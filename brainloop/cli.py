@@ -57,6 +57,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     print(f"reward ({cfg.reward.spec.describe()}): {result.reward:.6f}")
     if not result.encoder_trained:
         print("NOTE: untrained embedded encoder (seeded random weights): numbers test the machinery, not the brain")
+    # Fidelity to TRIBE v2 (README): what split the sentences of the word contexts, where the model came from.
+    upstream = " (as upstream)" if result.splitter == "en_core_web_lg" else " (upstream: en_core_web_lg)"
+    release = "an official TRIBE v2 release" if result.official_release else "not an official TRIBE v2 release"
+    print(f"fidelity: sentence splitter {result.splitter or '?'}{upstream}; encoder: {release}; "
+          f"words with a context {result.n_words_kept}/{result.n_words}")
     print(f"{'region':<22}{'mean':>12}")
     for name in (*ROI_NAMES, *SUMMARY_NAMES):
         print(f"{name:<22}{result.roi[name]:>12.6f}")
@@ -76,15 +81,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from brainloop.config import _merge, load_config, parse_override
+    from brainloop.config import load_config, merge_overrides, parse_override
     from brainloop.evaluate import run_eval
 
     overrides: dict = {}
     for item in args.set or []:  # e.g. --set sampler.engine=transformers
-        overrides = _merge(overrides, parse_override(item))
+        overrides = merge_overrides(overrides, parse_override(item))
     cfg = load_config(args.config, overrides)
     run_eval(cfg, args.adapter, out_dir=args.out, n=args.n, prompt_split=args.prompts, max_prompts=args.max_prompts,
-             seed=args.seed, temperature=args.temperature, config_path=str(Path(args.config).resolve()))
+             seed=args.seed, temperature=args.temperature, config_path=str(Path(args.config).resolve()),
+             voices=args.voices)
     return 0
 
 
@@ -96,9 +102,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_CODES = "exit codes: 0 success, 1 failure (a run or a stage failed), 2 usage or configuration error"
+
+
+def _train(job_args: list[str]) -> int:
+    from brainloop.job import main as job_main
+
+    return job_main(job_args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="brainloop")
+    parser = argparse.ArgumentParser(
+        prog="brainloop", description="RL fine-tuning against TRIBE v2's predicted cortical response.",
+        epilog=EXIT_CODES)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    # `brainloop train` is `python -m brainloop.job` (what `ray job submit` runs): same arguments, exit codes.
+    p = sub.add_parser("train", add_help=False, epilog=EXIT_CODES,
+                       help="run training (as python -m brainloop.job): --config F [--set k=v] [--resume]; "
+                            "`brainloop train --help` lists every option")
+    p.set_defaults(func=lambda _args: _train([]))
 
     p = sub.add_parser("summary", help="print a run's summary")
     p.add_argument("run_dir")
@@ -122,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-prompts", type=int, default=None)
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's run.seed)")
     p.add_argument("--temperature", type=float, default=None, help="default: the config's sampler.temperature_end")
+    p.add_argument("--voices", type=int, default=1, metavar="K",
+                   help="also score each completion under K speech variants (espeak voices/rates; gTTS accents) "
+                        "and report the reward's voice-to-voice spread next to the gain (default 1: off)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="config override (repeatable)")
     p.set_defaults(func=_cmd_eval)
 
@@ -131,8 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
     p.set_defaults(func=_cmd_report)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # every argument after it belongs to the job's own parser
+        return _train(argv[1:])
     args = parser.parse_args(argv)
-    return args.func(args)
+    from brainloop.config import ConfigError
+    from brainloop.prompts import PromptFileError
+
+    try:
+        return args.func(args)
+    except (ConfigError, PromptFileError, FileNotFoundError) as exc:  # user errors: one line, no traceback
+        print(f"brainloop {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -89,16 +89,34 @@ class ProbeConfig(Section):
 
 
 class EncoderConfig(Section):
-    # "embedded": our FmriEncoder at a small size with seeded random weights (untrained!).
-    # "official": the released architecture loaded strictly from a checkpoint (best.ckpt / safetensors).
+    # "embedded": a small FmriEncoder with seeded random weights (untrained!), written on first use as a
+    #   TRIBE release (config.yaml + best.ckpt under the cache dir) and loaded like the official one.
+    # "official" + release: a TRIBE v2 release directory or hub id (facebook/tribev2): the encoder and
+    #   every feature setting (models, layers, cache_n_layers, frequency, segments) come from it.
+    # "official" + config + weights: the released architecture from a fixture-format JSON and a
+    #   best.ckpt / safetensors; feature settings then come from this section's neighbours.
     kind: Literal["embedded", "official"] = "embedded"
-    config: str | None = None  # TRIBE config JSON (fixture format); required for "official"
+    release: str | None = None
+    text_model: str | None = None  # with a release: replaces its text model id (e.g. a local copy)
+    audio_model: str | None = None  # with a release: replaces its audio model id
+    config: str | None = None  # TRIBE config JSON (fixture format), with weights, when no release is given
     weights: str | None = None
     hidden: int = 128
     depth: int = 2
     heads: int = 4
     low_rank_head: int = 32
     seed: int = 1234
+
+    @model_validator(mode="after")
+    def _check(self) -> EncoderConfig:
+        if self.kind == "official" and not self.release and not (self.config and self.weights):
+            raise ValueError("encoder kind 'official' needs 'release' (a TRIBE release directory or hub id), "
+                             "or needs both 'config' and 'weights'")
+        if self.release and (self.config or self.weights):
+            raise ValueError("give encoder 'release' or 'config' + 'weights', not both")
+        if self.kind == "embedded" and (self.release or self.text_model or self.audio_model):
+            raise ValueError("encoder 'release', 'text_model' and 'audio_model' go with kind 'official'")
+        return self
 
 
 class PipelineConfig(Section):
@@ -108,13 +126,16 @@ class PipelineConfig(Section):
     tts_voice: str = "en-us"
     word_timing: Literal["tts", "asr", "whisperx"] = "tts"
     asr_model: str = "tiny.en"
+    # Without an official release these name the models; a release's config.yaml names its own.
     text_model: str = "pkg:smollm2-135m-instruct"
     audio_model: str = "embedded:small"
-    max_context_words: int = Field(1024, ge=1)
-    # Text layer groups: None = DESIGN.md §2 (group means of hs[14:21], hs[21:29] for Llama-3.2-3B).
-    # neuralset can first sub-select `cache_n_layers` evenly spaced hidden states; set this (20 is what
-    # third-party notes quote for the released config) once the tribev2 oracle confirms it on a cluster.
-    text_cache_n_layers: int | None = None
+    max_context_words: int = Field(1024, ge=1)  # AddContextToWords(max_context_len=1024) upstream
+    # Hidden states kept before the layer groups when no release says otherwise: 20, as the released
+    # config (tribev2 grids/configs.py base_config); null keeps all (grids/defaults.py).
+    text_cache_n_layers: int | None = 20
+    # Sentence splitting for the word contexts: en_core_web_lg when installed (as upstream), else
+    # spaCy's rule-based sentencizer; "sentencizer" forces the latter. Results record which one ran.
+    spacy_model: Literal["en_core_web_lg", "sentencizer"] = "en_core_web_lg"
     max_chars: int = Field(1500, ge=1)  # ~250 words, ~80 s of speech; longer text is cut at a word
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     device: str = "cpu"
@@ -132,13 +153,56 @@ class RewardConfig(Section):
     gpus_per_worker: float = Field(0.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict)  # e.g. {"reward_node": 0.01} (ray_cluster.yaml)
     timeout_s: float = Field(300.0, gt=0.0)
-    max_attempts: int = Field(3, ge=1)
+    max_attempts: int = Field(3, ge=1)  # per text: worker deaths, timeouts and failed stages all count
+    # Failure budget: a step with more than this fraction of completions `failed` stops the job (exit 1);
+    # so does a run with more than `max_failed_fraction_run` of all its completions failed (from step 5 on).
+    # Texts that wait with no healthy reward worker get timeout_s x max_attempts, then the job stops too.
+    max_failed_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    max_failed_fraction_run: float = Field(0.25, ge=0.0, le=1.0)
     # What an unscoreable completion (empty, emoji only, ...) receives: "exclude" leaves it out of
     # the update (recorded as such); a number gives it that reward.
     unspeakable_reward: Literal["exclude"] | float = "exclude"
     cache: bool = True
     spec: RewardSpec = Field(default_factory=RewardSpec)
+    # Naturalness penalty: reward - coef x the base model's NLL per token of the completion (nats). Needed
+    # before the advantages, so the sampler scores each completion under the base model (one prefill,
+    # overlapping the reward pool); 0 = off. See README "What the policy learned".
+    naturalness_coef: float = Field(0.0, ge=0.0)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+
+
+class GuardsConfig(Section):
+    """Reward-hacking guards (brainloop.guards): step means compared with the first steps' baseline.
+
+    A threshold left at null is off. The defaults only log (``action: log``): a breach is logged
+    with its numbers and exported as a metric; ``action: stop`` ends the job cleanly (checkpoint,
+    exit code 1).
+    """
+
+    baseline_steps: int = Field(3, ge=1)  # steps whose means form the baseline
+    # base-model NLL per token of the completions may rise at most this much (nats) above baseline
+    max_base_nll_increase: float | None = Field(1.0, gt=0.0)
+    # selectivity (target - whole cortex, target - control regions) may fall at most this much
+    max_selectivity_drop: float | None = Field(None, gt=0.0)
+    control_regions: list[str] = Field(default_factory=lambda: ["v1", "lateral_occipital"])
+    # mean completion tokens must stay within [low, high] x baseline
+    length_ratio: tuple[float, float] | None = (0.5, 2.0)
+    # distinct-2 must stay above this fraction of baseline
+    min_distinct_2_ratio: float | None = Field(0.5, gt=0.0, le=1.0)
+    action: Literal["log", "stop"] = "log"
+
+    @model_validator(mode="after")
+    def _check(self) -> GuardsConfig:
+        from brainloop.rois import ROI_NAMES
+
+        unknown = sorted(set(self.control_regions) - set(ROI_NAMES))
+        if unknown:
+            raise ValueError(f"unknown control region(s) {unknown}; known: {list(ROI_NAMES)}")
+        if not self.control_regions:
+            raise ValueError("control_regions is empty")
+        if self.length_ratio is not None and not 0 < self.length_ratio[0] <= 1 <= self.length_ratio[1]:
+            raise ValueError(f"length_ratio must be [low, high] with 0 < low <= 1 <= high, got {self.length_ratio}")
+        return self
 
 
 class Config(Section):
@@ -150,6 +214,7 @@ class Config(Section):
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -158,11 +223,11 @@ class Config(Section):
                              f"{self.algo.max_staleness + 1}: the sampler serves that many versions at once")
         if self.policy.lora.r > 64:
             raise ValueError("policy.lora.r above 64 is not supported by the vLLM LoRA kernels")
-        if self.reward.pipeline.encoder.kind == "official" and not (
-            self.reward.pipeline.encoder.config and self.reward.pipeline.encoder.weights
-        ):
-            raise ValueError("reward.pipeline.encoder: kind 'official' needs both 'config' and 'weights'")
-        return self
+        both = sorted(set(self.guards.control_regions) & set(self.reward.spec.target_regions()))
+        if both:
+            raise ValueError(f"guards.control_regions {both} are also reward targets: selectivity against them "
+                             "would be zero by construction")
+        return self  # reward.pipeline.encoder checks its own release / config + weights
 
 
 class ConfigError(ValueError):
@@ -196,7 +261,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    raw = _merge(raw, overrides or {})
+    raw = merge_overrides(raw, overrides or {})
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
@@ -207,10 +272,11 @@ def load_config(path: str | Path, overrides: dict | None = None) -> Config:
     return _resolve_paths(cfg, path.resolve().parent)
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_overrides(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_overrides(out[key], value) if nested else value
     return out
 
 

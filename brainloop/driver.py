@@ -14,11 +14,14 @@ reference algorithm.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +31,18 @@ from ray.exceptions import RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from brainloop import algo
+from brainloop import algo, analysis
 from brainloop.checkpoint import latest_checkpoint, load_checkpoint, load_older_adapters, save_checkpoint
 from brainloop.config import Config, dump_config
+from brainloop.errors import (
+    AdapterPushError,
+    FailureBudgetExceeded,
+    GuardStop,
+    RunFailure,
+    RunFolderError,
+    short_cause,
+)
+from brainloop.guards import GuardMonitor
 from brainloop.metrics import RunMetrics
 from brainloop.prompts import Prompt, load_prompts, prompts_for_step, split
 from brainloop.rois import ROI_NAMES, SUMMARY_NAMES
@@ -38,7 +50,7 @@ from brainloop.rollout_log import RunFiles
 from brainloop.types import ScoreResult
 
 
-class AdapterProbeError(RuntimeError):
+class AdapterProbeError(RunFailure):
     """The sampler is not serving the adapter the learner just produced."""
 
 
@@ -60,6 +72,9 @@ class ScoringBatch:
     completions: list
     sampled_at: float
     results: dict[tuple[int, int], tuple[ScoreResult, float]] = field(default_factory=dict)
+    # reward.naturalness_coef > 0: the sampler's base-model log-probs of each completion, (prompt, sample) -> ref
+    base_logprob_refs: dict[tuple[int, int], ray.ObjectRef] = field(default_factory=dict)
+    naturalness_wait_s: float = 0.0  # seconds the driver waited for them after the rewards were in
 
     @property
     def complete(self) -> bool:
@@ -113,14 +128,34 @@ class LoopState:
 class Loop:
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False) -> None:
         self.cfg = cfg
-        self.files = RunFiles(run_dir)
+        self.run_dir = Path(run_dir)
+        with self._writing("the run folder"):
+            self.files = RunFiles(run_dir)
         self.resume = resume
         self.metrics = RunMetrics(cfg.run.name)
         prompts = load_prompts(cfg.prompts.file)
         self.train_prompts = split(prompts, "train")
         self.state = LoopState()
         self.pg = None
-        (self.files.root / "config.yaml").write_text(dump_config(cfg))
+        self.guards = GuardMonitor(cfg.guards)
+        self.targets = cfg.reward.spec.target_regions()
+        with self._writing("config.yaml"):
+            (self.files.root / "config.yaml").write_text(dump_config(cfg))
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Turn a failed write of the run folder (unwritable, full disk) into one clear error that says
+        which checkpoint a ``--resume`` will continue from; checkpoints are written atomically, so a
+        failed one never replaces the last complete one."""
+        try:
+            yield
+        except OSError as exc:
+            last = latest_checkpoint(self.run_dir / "checkpoints") if (self.run_dir / "checkpoints").is_dir() else None
+            reason = f"{exc.strerror} ({exc.filename})" if exc.strerror else str(exc)
+            raise RunFolderError(
+                f"cannot write {what} in {self.run_dir}: {reason}; last complete checkpoint: "
+                f"{last.name + ' (intact)' if last else 'none'}. Free space or fix the folder, then resubmit "
+                "with --resume") from None
 
     # ---- actors --------------------------------------------------------------------------------
     def _start_actors(self) -> None:
@@ -132,8 +167,15 @@ class Loop:
         cfg = self.cfg
         bundles = [_bundle(cfg.sampler.num_cpus, cfg.sampler.num_gpus, cfg.sampler.resources),
                    _bundle(cfg.learner.num_cpus, cfg.learner.num_gpus, cfg.learner.resources)]
-        self.pg = placement_group(bundles, strategy="PACK", name=f"{cfg.run.name}-policy")
-        ray.get(self.pg.ready(), timeout=600)
+        pg_name = f"{cfg.run.name}-policy"
+        release_stale_holders(pg_name, ["sampler", "learner",
+                                        *(f"reward-worker-{i}" for i in range(cfg.reward.num_workers))])
+        self.pg = placement_group(bundles, strategy="PACK", name=pg_name)
+        try:
+            ray.get(self.pg.ready(), timeout=600)
+        except ray.exceptions.GetTimeoutError:
+            raise RunFailure(f"placement group {pg_name} ({bundles}) could not be placed in 600 s: the cluster "
+                             f"lacks the resources (ray status shows what it has)") from None
         env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false",
                             **{k: v for k, v in os.environ.items() if k in PASS_THROUGH_ENV}}}
         self.sampler = ray.remote(Sampler).options(
@@ -161,8 +203,15 @@ class Loop:
                      reward.cache, prediction_dir)
 
         self.pool = RewardPool(make_worker, reward.num_workers, reward.timeout_s, reward.max_attempts)
-        self.pool.ready()
-        ray.get(self.learner.info.remote())
+        # Actors that cannot start (weights that fail to load, a missing model) end the run here with
+        # their own error, before any step.
+        for role, wait in (("reward workers", self.pool.ready),
+                           ("learner", lambda: ray.get(self.learner.info.remote())),
+                           ("sampler", lambda: ray.get(self.sampler.current_version.remote()))):
+            try:
+                wait()
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as exc:
+                raise RunFailure(f"the {role} failed to start: {short_cause(exc)}") from None
         # version -> ObjectRef of its exported adapter files, for the last k+1 versions pushed
         self.recent_adapters: dict[int, ray.ObjectRef] = {}
         self.sampler_restarts = 0
@@ -219,7 +268,22 @@ class Loop:
         self.recent_adapters[version] = adapter_ref
         for old in sorted(self.recent_adapters)[: -(self.cfg.algo.max_staleness + 1)]:
             del self.recent_adapters[old]
-        self.sampler.load_adapter.remote(version, adapter_ref)
+        self._confirm_push(version, self.sampler.load_adapter.remote(version, adapter_ref))
+
+    def _confirm_push(self, version: int, load_ref: ray.ObjectRef) -> None:
+        """Wait for the sampler to have loaded ``version``: a failed load is an error here, at the push,
+        not a stale adapter silently serving the next step. The sampler runs calls in order, so with
+        ``max_staleness >= 1`` the load may wait for a generation in progress; the reward pool is kept
+        fed meanwhile."""
+        while not ray.wait([load_ref], timeout=0.05)[0]:
+            if getattr(self, "_scoring", None):
+                self._absorb(0.0)
+        try:
+            ray.get(load_ref)
+        except RayActorError:  # the sampler died: its restart reloads the newest version (this one)
+            self._restore_sampler()
+        except ray.exceptions.RayTaskError as exc:
+            raise AdapterPushError(f"the sampler failed to load adapter v{version}: {short_cause(exc)}") from None
 
     # ---- generation ------------------------------------------------------------------------------
     def _launch_generation(self, step: int, version: int | None = None) -> PendingGeneration:
@@ -258,6 +322,12 @@ class Loop:
         for pi, group in enumerate(completions):
             for c in group:
                 self.pool.submit((generation.step, pi, c.sample_index), c.text)
+        if self.cfg.reward.naturalness_coef > 0:
+            # The penalty needs the base model's NLL before the advantages: the sampler scores each
+            # completion under version 0 (one prefill), while the reward pool works on the same texts.
+            batch.base_logprob_refs = {
+                (pi, c.sample_index): self.sampler.score.remote(generation.prompts[pi].text, c.token_ids, 0)
+                for pi, group in enumerate(completions) for c in group}
         self._scoring[generation.step] = batch
         return batch
 
@@ -314,7 +384,8 @@ class Loop:
         order the uninterrupted run pushed and launched them."""
         ckpt = latest_checkpoint(self.files.checkpoints) if self.resume else None
         if ckpt is None:
-            self.files.truncate_after(-1)
+            with self._writing("the rollouts"):
+                self.files.truncate_after(-1)
             return deque()
         learner_state, adapter_files, driver_state = load_checkpoint(ckpt)
         older = load_older_adapters(ckpt)
@@ -324,7 +395,9 @@ class Loop:
         self.state.best_reward = driver_state["best_reward"]
         self.state.samples_scored = driver_state["samples_scored"]
         self.state.samples_failed = driver_state["samples_failed"]
-        self.files.truncate_after(driver_state["step"])
+        self.guards.load_state_dict(driver_state.get("guards", {}))
+        with self._writing("the rollouts"):
+            self.files.truncate_after(driver_state["step"])
         relaunched: deque[PendingGeneration] = deque()
         for pending in sorted(driver_state.get("pending_generations", []), key=lambda p: p["step"]):
             used = pending["adapter_version"]
@@ -367,6 +440,7 @@ class Loop:
             self._finish_scoring(batch)
             t_scored = time.time()
             groups, rows = self._build_update(step, batch)
+            self._check_failure_budget(step, rows)
             update_ref = self.learner.update.remote(groups) if groups else None
             if probe_pending is not None:  # k >= 1: the last push's probe is checked while this update runs
                 self._record_probe(self._resolve_probe(probe_pending))
@@ -377,8 +451,19 @@ class Loop:
                     ahead = self._score_ahead_until(update_ref, queue)
                 update_stats = ray.get(update_ref)
                 weights = iter(update_stats.pop("is_weights"))
+                learner_nll = iter(update_stats.pop("base_nll", []))
+                nll_gaps = []
                 for row in rows:
                     row["is_weight"] = next(weights) if row["used_in_update"] else None
+                    nll = next(learner_nll, None) if row["used_in_update"] else None
+                    if nll is None:
+                        continue
+                    if math.isfinite(row["base_nll_per_token"]):  # the sampler's, for the naturalness penalty
+                        nll_gaps.append(abs(row["base_nll_per_token"] - nll))
+                    else:
+                        row["base_nll_per_token"] = nll
+                if nll_gaps:  # two engines, one base model: they must agree
+                    update_stats["base_nll_check_max_abs"] = max(nll_gaps)
                 self.state.version = update_stats["version"]
                 adapter_ref = self.learner.export_adapter.remote()
                 self._push_adapter(self.state.version, adapter_ref)
@@ -390,10 +475,22 @@ class Loop:
             for row in rows:
                 row["learner_version"] = self.state.version - (0 if update_stats.get("skipped") else 1)
                 row["updated_at"] = t_updated
-            self.files.write_rollouts(step, rows)
+            with self._writing(f"the rollouts of step {step}"):
+                self.files.write_rollouts(step, rows)
             record = self._step_metrics(step, rows, update_stats, batch, t_step, t_sampled, t_scored, t_updated)
-            self.files.append_metrics(record)
+            breaches = self.guards.observe(step, record)
+            record.update(self.guards.step_metrics(breaches))
+            self.metrics.gauges("driver", self.guards.step_metrics(breaches))
+            for breach in breaches:
+                print(f"[brainloop] WARNING {breach.message()}", flush=True)
+            with self._writing("metrics.jsonl"):
+                self.files.append_metrics(record)
             self.state.step = step + 1
+            if breaches and cfg.guards.action == "stop":
+                self._checkpoint(step, [*([ahead.generation] if ahead else []), *queue])
+                self._discard_scoring()
+                raise GuardStop("guards.action is 'stop': " + "; ".join(b.message() for b in breaches)
+                                + f". Checkpoint of step {step} written; the run can be inspected or resumed")
             done = self.state.step - first_step
             eta = (time.time() - t_start) / done * (total - self.state.step)
             print(f"[brainloop] step {step + 1}/{total} reward {record['reward_mean']:.5f} "
@@ -411,12 +508,30 @@ class Loop:
             self._record_probe(self._resolve_probe(probe_pending))
         return self._finish(t_start)
 
+    def _base_nll(self, batch: ScoringBatch) -> tuple[dict[tuple[int, int], float], float]:
+        """The sampler's base-model NLL per token of each completion (naturalness penalty), and the
+        seconds the driver waited for it (0 when it finished while the reward pool worked)."""
+        if not batch.base_logprob_refs:
+            return {}, 0.0
+        t0 = time.time()
+        keys = list(batch.base_logprob_refs)
+        try:
+            logprobs = ray.get([batch.base_logprob_refs[k] for k in keys])
+        except RayActorError:  # the sampler died: its restart serves the base model as version 0 too
+            self._restore_sampler()
+            by_key = {(pi, c.sample_index): c for pi, group in enumerate(batch.completions) for c in group}
+            logprobs = ray.get([self.sampler.score.remote(batch.generation.prompts[k[0]].text,
+                                                          by_key[k].token_ids, 0) for k in keys])
+        return {k: analysis.nll_per_token(lp) for k, lp in zip(keys, logprobs, strict=True)}, time.time() - t0
+
     def _build_update(self, step: int, batch: ScoringBatch):
         from learner.learner import TrainGroup, TrainSample
 
         cfg = self.cfg
         pending, completions, results = batch.generation, batch.completions, batch.results
         sampled_at = batch.sampled_at
+        base_nll, batch.naturalness_wait_s = self._base_nll(batch)
+        coef = cfg.reward.naturalness_coef
         groups, rows = [], []
         for pi, group in enumerate(completions):
             rewards = []
@@ -428,7 +543,11 @@ class Loop:
                     rewards.append(float(cfg.reward.unspeakable_reward))
                 else:
                     rewards.append(float("nan"))
-            advantages = algo.group_advantages(rewards)
+            # reward.naturalness_coef: the advantages see the brain reward minus coef x the base model's NLL
+            # per token; the rollouts keep the brain reward itself (and the NLL) in their own columns.
+            penalties = [coef * base_nll[(pi, c.sample_index)] if coef > 0 and results[(pi, c.sample_index)][0].ok
+                         else 0.0 for c in group]
+            advantages = algo.group_advantages([r - p for r, p in zip(rewards, penalties, strict=True)])
             samples = []
             for c, reward, adv in zip(group, rewards, advantages, strict=True):
                 result, scored_at = results[(pi, c.sample_index)]
@@ -451,13 +570,46 @@ class Loop:
                     "cache_hit": result.cache_hit, "encoder_trained": result.encoder_trained,
                     "timings_json": json.dumps(result.timings), "sample_started_at": c.started_at,
                     "sample_finished_at": c.finished_at, "submitted_at": sampled_at, "scored_at": scored_at,
+                    "official_release": result.official_release, "splitter": result.splitter,
+                    "n_words_kept": result.n_words_kept,
                 }
                 for name in (*ROI_NAMES, *SUMMARY_NAMES):
                     row[f"roi_{name}"] = result.roi.get(name)
+                # What the sample is beyond its reward (brainloop.analysis); the base NLL comes from the
+                # sampler when the naturalness penalty needs it now, else from the learner's update.
+                row.update(analysis.sample_measures(
+                    c.text, result.roi, scored=result.ok, n_words=result.n_words, audio_seconds=result.audio_seconds,
+                    removed_fraction=result.removed_token_fraction, targets=self.targets,
+                    controls=cfg.guards.control_regions, base_nll=base_nll.get((pi, c.sample_index))))
                 rows.append(row)
             if samples:
                 groups.append(TrainGroup(samples))
         return groups, rows
+
+    def _check_failure_budget(self, step: int, rows: list[dict]) -> None:
+        """Stop the run when too many completions fail to score: per step, and per run from its fifth
+        step on (so that a first unlucky step is judged by the per-step budget alone). The step's rows
+        are written first, so its failures and their reasons are on disk."""
+        reward = self.cfg.reward
+        failed = [r for r in rows if r["status"] == "failed"]
+        run_fraction = self.state.samples_failed / max(1, self.state.samples_scored)
+        cause = None
+        if rows and len(failed) / len(rows) > reward.max_failed_fraction:
+            cause = (f"step {step}: {len(failed)} of {len(rows)} completions failed to score, more than "
+                     f"reward.max_failed_fraction = {reward.max_failed_fraction}")
+        elif step + 1 >= min(5, self.cfg.run.steps) and run_fraction > reward.max_failed_fraction_run:
+            cause = (f"{self.state.samples_failed} of {self.state.samples_scored} completions of the run failed to "
+                     f"score by step {step}, more than reward.max_failed_fraction_run = "
+                     f"{reward.max_failed_fraction_run}")
+        if cause is None:
+            return
+        now = time.time()
+        for row in rows:
+            row.update(used_in_update=False, learner_version=self.state.version, updated_at=now, is_weight=None)
+        with self._writing(f"the rollouts of step {step}"):
+            self.files.write_rollouts(step, rows)
+        errors = [r["error"] for r in rows if r["status"] == "failed" and r["error"]]
+        raise FailureBudgetExceeded(cause + (f"; first error: {errors[0]}" if errors else ""))
 
     def _step_metrics(self, step, rows, update_stats, batch: ScoringBatch, t_step, t_sampled, t_scored,
                       t_updated) -> dict:
@@ -489,6 +641,8 @@ class Loop:
             "tokens_per_second": float(tokens.sum()) / max(1e-6, max(r["sample_finished_at"] for r in rows)
                                                            - min(r["sample_started_at"] for r in rows)),
             **{k: v for k, v in update_stats.items() if isinstance(v, (int, float))},
+            **analysis.step_means(rows),
+            "naturalness_seconds": batch.naturalness_wait_s,
         }
         roi_means = {name: float(np.nanmean([r[f"roi_{name}"] for r in rows if r[f"roi_{name}"] is not None]))
                      for name in ROI_NAMES if any(r[f"roi_{name}"] is not None for r in rows)}
@@ -499,7 +653,8 @@ class Loop:
         return record
 
     def _record_probe(self, probe: ProbeResult) -> None:
-        self.files.append_metrics({"probe": probe.__dict__, "step": self.state.step - 1})
+        with self._writing("metrics.jsonl"):
+            self.files.append_metrics({"probe": probe.__dict__, "step": self.state.step - 1})
         self.metrics.gauges("driver", {"probe_sampler_vs_learner": probe.sampler_vs_learner,
                                        "probe_adapter_vs_base": probe.adapter_vs_base})
 
@@ -513,24 +668,29 @@ class Loop:
                  if 0 < g.adapter_version != self.state.version}
         driver_state = {"step": step, "version": self.state.version, "best_reward": self.state.best_reward,
                         "samples_scored": self.state.samples_scored, "samples_failed": self.state.samples_failed,
-                        "pending_generations": pending, "time": time.time()}
-        path = save_checkpoint(self.files.checkpoints, step, learner_state, adapter_files, driver_state,
-                               older_adapters=older)
+                        "pending_generations": pending, "guards": self.guards.state_dict(), "time": time.time()}
+        config = self.cfg.model_dump(mode="json")
+        config["prompts"]["file_sha256"] = hashlib.sha256(Path(self.cfg.prompts.file).read_bytes()).hexdigest()
+        with self._writing(f"the checkpoint of step {step}"):
+            path = save_checkpoint(self.files.checkpoints, step, learner_state, adapter_files, driver_state,
+                                   older_adapters=older, config=config)
         print(f"[brainloop] checkpoint {path}", flush=True)
 
     def _finish(self, t_start: float) -> dict:
         adapter_files = self._pushed_or_exported()
         final = self.files.root / "final_adapter"
-        final.mkdir(exist_ok=True)
-        for name, blob in adapter_files.items():
-            (final / name).write_bytes(blob)
+        with self._writing("final_adapter"):
+            final.mkdir(exist_ok=True)
+            for name, blob in adapter_files.items():
+                (final / name).write_bytes(blob)
         steps = [m for m in self.files.read_metrics() if "reward_mean" in m]
         summary = summarize(steps)
         summary.update({"run_dir": str(self.files.root), "final_adapter": str(final),
                         "sampler_restarts": self.sampler_restarts,
                         "wall_seconds": time.time() - t_start, "samples_scored": self.state.samples_scored,
                         "samples_failed": self.state.samples_failed, "adapter_version": self.state.version})
-        (self.files.root / "summary.json").write_text(json.dumps(summary, indent=1))
+        with self._writing("summary.json"):
+            (self.files.root / "summary.json").write_text(json.dumps(summary, indent=1))
         return summary
 
     def close(self, timeout_s: float = 60.0) -> None:
@@ -553,6 +713,81 @@ class Loop:
                 except ValueError:
                     break
                 time.sleep(0.2)
+
+
+def release_stale_holders(pg_name: str, actor_names: list[str], timeout_s: float = 120.0) -> None:
+    """Free the run's placement-group and actor names from an earlier driver of the same run.
+
+    A driver killed with SIGKILL (``kill -9``, OOM killer, lost node) cannot clean up: its named placement
+    group and actors live on until the GCS notices the job is dead, and a resubmitted ``--resume`` would
+    then fail with "placement group ... already exists". Holders whose job the GCS reports dead are
+    removed now; holders of a job still alive (the GCS notices a dead driver within seconds) are waited
+    for, and a run that is really still running elsewhere is a clear error after ``timeout_s``.
+
+    Reads the GCS tables directly (``ray._private.state``): the public state API needs the dashboard,
+    which a private local cluster does not start.
+    """
+    from ray._private.state import state as gcs
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    ctx = ray.get_runtime_context()
+    namespace, own_job = ctx.namespace, ctx.get_job_id()
+    wanted = set(actor_names)
+    deadline = time.monotonic() + timeout_s
+    removed: set[str] = set()
+    announced = False
+    while True:
+        dead_jobs = {j["JobID"] for j in ray._private.state.jobs() if j["IsDead"]}
+        accessor = gcs._connect_and_get_accessor()
+        live: list[tuple[str, str]] = []  # (what, job) held by a job still alive
+        releasing = 0  # held by a dead job: removal asked for, not yet done (it is asynchronous)
+        for blob in accessor.get_placement_group_table():
+            pg = gcs_pb2.PlacementGroupTableData.FromString(blob)
+            if pg.name != pg_name or pg.ray_namespace != namespace or \
+                    pg.state == gcs_pb2.PlacementGroupTableData.REMOVED:
+                continue
+            job = pg.creator_job_id.hex()
+            if job == own_job:
+                continue
+            if job in dead_jobs:
+                if pg.placement_group_id.hex() not in removed:
+                    print(f"[brainloop] removing placement group {pg_name} left by dead job {job}", flush=True)
+                    remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+                    removed.add(pg.placement_group_id.hex())
+                releasing += 1
+                continue
+            live.append((f"placement group {pg_name}", job))
+        for blob in accessor.get_actor_table(None, None):
+            actor = gcs_pb2.ActorTableData.FromString(blob)
+            if actor.name not in wanted or actor.ray_namespace != namespace or \
+                    actor.state == gcs_pb2.ActorTableData.DEAD:
+                continue
+            job = actor.job_id.hex()
+            if job == own_job:
+                continue
+            if job in dead_jobs:
+                if actor.actor_id.hex() not in removed:
+                    print(f"[brainloop] killing actor {actor.name} left by dead job {job}", flush=True)
+                    try:
+                        ray.kill(ray.get_actor(actor.name), no_restart=True)
+                    except ValueError:  # gone meanwhile
+                        pass
+                    removed.add(actor.actor_id.hex())
+                releasing += 1
+                continue
+            live.append((f"actor {actor.name}", job))
+        if not live and not releasing:
+            return
+        if live and not announced:
+            announced = True
+            print(f"[brainloop] waiting for {', '.join(f'{what} (job {job})' for what, job in live)} to be "
+                  f"released (its driver may have just died); up to {timeout_s:.0f} s", flush=True)
+        if time.monotonic() > deadline:
+            held = ", ".join(f"{what} (job {job})" for what, job in live) or "names being released"
+            raise RunFailure(f"run names are still held after {timeout_s:.0f} s: {held}; is this run already "
+                             f"running on the cluster? (ray job list)")
+        time.sleep(0.5)
 
 
 def _bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, float]:

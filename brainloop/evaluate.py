@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from brainloop import stats
+from brainloop.analysis import ANALYSIS_COLUMNS, DEFAULT_CONTROL_REGIONS, nll_per_token, sample_measures
 from brainloop.rois import N_VERTICES, ROI_NAMES, SUMMARY_NAMES
 
 MODELS = ("base", "trained")
@@ -44,7 +45,9 @@ STATS_SEED = 0
 
 def measure_column(measure: str) -> str:
     """Column of ``samples.parquet`` (and of the rollouts) holding a measure."""
-    return "reward" if measure == "reward" else f"roi_{measure}"
+    if measure == "reward" or measure in ANALYSIS_COLUMNS:
+        return measure
+    return f"roi_{measure}"
 
 
 EVAL_SCHEMA = pa.schema(
@@ -71,9 +74,28 @@ EVAL_SCHEMA = pa.schema(
         ("n_trs", pa.int32()),
         ("audio_seconds", pa.float32()),
         ("encoder_trained", pa.bool_()),
+        ("official_release", pa.bool_()),
+        ("splitter", pa.string()),
+        ("n_words_kept", pa.int32()),
         ("prediction_file", pa.string()),  # relative to the eval directory
         ("timings_json", pa.string()),
+        *[(col, pa.float64()) for col in ANALYSIS_COLUMNS],  # brainloop.analysis: selectivity, speech, text
     ]
+)
+
+# Speech variants for ``--voices K`` (variant 0 is the config's own voice, the main scoring): espeak
+# voices and rates here, gTTS accents (top-level domains) on a cluster.
+SPEECH_VARIANTS: dict[str, tuple[dict[str, Any], ...]] = {
+    "espeak": ({}, {"rate": 140}, {"voice": "en-gb-x-rp"}, {"rate": 210}, {"voice": "en-029"},
+               {"voice": "en-gb-scotland"}),
+    "gtts": ({}, {"tld": "co.uk"}, {"tld": "com.au"}, {"tld": "co.in"}, {"tld": "ca"}, {"tld": "ie"}),
+    "piper": ({}, {"length_scale": 0.8}, {"length_scale": 1.25}),
+}
+
+# What changed in the text (brainloop report): measures compared base vs trained, one Holm family.
+TEXT_CHANGE_MEASURES: tuple[str, ...] = (
+    "reward", "selectivity_global", "selectivity_control", "base_nll_per_token", "words_per_second",
+    "sentence_length", "punctuation_rate", "type_token_ratio",
 )
 
 
@@ -92,9 +114,7 @@ class SamplingSettings:
 
 def target_regions(spec: Any) -> list[str]:
     """Regions a reward spec is about (weighted specs: those with non-zero weight)."""
-    if spec.kind == "weighted":
-        return [r for r, w in spec.weights.items() if w != 0]
-    return list(spec.rois)
+    return spec.target_regions()
 
 
 def default_out_dir(adapter: str | Path) -> Path:
@@ -105,8 +125,12 @@ def default_out_dir(adapter: str | Path) -> Path:
 # ---------------------------------------------------------------------------- generation
 
 
-def generate_both(cfg: Any, adapter: Path, prompts: list[str], settings: SamplingSettings) -> dict[str, list]:
-    """Completions of the base model and of the adapter: model -> [prompt][sample] Completion."""
+def generate_both(cfg: Any, adapter: Path, prompts: list[str], settings: SamplingSettings) -> dict[str, Any]:
+    """Completions of the base model and of the adapter: model -> [prompt][sample] Completion.
+
+    Also ``"base_nll"``: (model, prompt index, sample index) -> the base model's NLL per token of that
+    completion, scored by the same sampler under version 0 (one prefill per completion, no sampling).
+    """
     from actors.sampler import Sampler, read_lora_rank
 
     rank = read_lora_rank(adapter)
@@ -126,6 +150,11 @@ def generate_both(cfg: Any, adapter: Path, prompts: list[str], settings: Samplin
                 top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed, version=version)
             print(f"[eval] {model}: {len(prompts)} prompts x {settings.n} completions in {time.time() - t0:.1f}s",
                   flush=True)
+        t0 = time.time()
+        out["base_nll"] = {
+            (model, i, c.sample_index): nll_per_token(sampler.score(prompts[i], c.token_ids, version=0))
+            for model in MODELS for i, group in enumerate(out[model]) for c in group}
+        print(f"[eval] base-model NLL of {len(out['base_nll'])} completions in {time.time() - t0:.1f}s", flush=True)
         return out
     finally:
         sampler.close()
@@ -134,8 +163,13 @@ def generate_both(cfg: Any, adapter: Path, prompts: list[str], settings: Samplin
 # ---------------------------------------------------------------------------- scoring
 
 
-def score_rows(pipeline: Any, rows: list[dict], out_dir: Path) -> dict[str, Any]:
+def score_rows(pipeline: Any, rows: list[dict], out_dir: Path, targets: list[str] | None = None,
+               controls: tuple[str, ...] | list[str] = DEFAULT_CONTROL_REGIONS) -> dict[str, Any]:
     """Score every row in place; return per-model map sums and per-completion ROI time courses.
+
+    Each row also gets the analysis columns (``brainloop.analysis``): selectivity against the whole
+    cortex and ``controls``, speech rate, removed-token fraction, text statistics, and its
+    ``base_nll_per_token`` when the row carries one.
 
     Returns {"map_sum": {model: (20484,)}, "map_n": {model: int}, "courses": [(model, key, {measure: (T,)})]}.
     """
@@ -151,9 +185,16 @@ def score_rows(pipeline: Any, rows: list[dict], out_dir: Path) -> dict[str, Any]
         result = pipeline.score(row["completion"], prediction_dir=str(pred_dir))
         row.update(status=result.status, error=result.error, reward=result.reward if result.ok else None,
                    n_words=result.n_words, n_trs=result.n_trs, audio_seconds=result.audio_seconds,
-                   encoder_trained=result.encoder_trained, timings_json=json.dumps(result.timings))
+                   encoder_trained=result.encoder_trained, timings_json=json.dumps(result.timings),
+                   official_release=result.official_release, splitter=result.splitter,
+                   n_words_kept=result.n_words_kept)
         for name in (*ROI_NAMES, *SUMMARY_NAMES):
             row[f"roi_{name}"] = result.roi.get(name) if result.ok else None
+        row.update(sample_measures(
+            row["completion"], result.roi, scored=result.ok, n_words=result.n_words,
+            audio_seconds=result.audio_seconds, removed_fraction=getattr(result, "removed_token_fraction", None),
+            targets=targets or target_regions(pipeline.spec), controls=controls,
+            base_nll=row.get("base_nll_per_token")))
         row["prediction_file"] = None
         if result.ok and result.prediction_path:
             path = Path(result.prediction_path)
@@ -186,24 +227,25 @@ def sample_key(row: dict) -> str:
 # ---------------------------------------------------------------------------- statistics
 
 
-def measure_stats(samples: Any, targets: list[str] | tuple[str, ...] = (), n_boot: int = N_BOOT,
-                  n_perm: int = N_PERM, seed: int = STATS_SEED) -> Any:
+def compare_models(samples: Any, measures: tuple[str, ...] | list[str], targets: list[str] | tuple[str, ...] = (),
+                   holm_family: tuple[str, ...] | list[str] | None = None, n_boot: int = N_BOOT,
+                   n_perm: int = N_PERM, seed: int = STATS_SEED) -> Any:
     """One row per measure: per-model mean ± se, trained - base with bootstrap CI and p-values.
 
-    ``samples`` is the ``samples.parquet`` table (pandas). Only "ok" rows enter; the comparison
-    is stratified by prompt. ``p_holm`` adjusts the p-values of the 20 regions + 3 summaries
-    for multiple comparisons (the reward's p is the pre-specified primary test and is not adjusted).
+    ``samples`` is the ``samples.parquet`` table (pandas). Only "ok" rows with a finite value enter;
+    the comparison is stratified by prompt. ``p_holm`` adjusts the p-values of the measures in
+    ``holm_family`` (default: all) for multiple comparisons; the others keep their own p.
     """
     import pandas as pd
 
     ok = samples[samples["status"] == "ok"]
     records = []
-    for measure in MEASURES:
+    for measure in measures:
         col = measure_column(measure)
         rec: dict[str, Any] = {"measure": measure, "is_target": measure in targets or measure == "reward"}
         parts = {}
         for model in MODELS:
-            sub = ok[(ok["model"] == model) & ok[col].notna()]
+            sub = ok[(ok["model"] == model) & ok[col].notna() & np.isfinite(ok[col].astype(np.float64))]
             parts[model] = (sub[col].to_numpy(np.float64), sub["prompt_id"].to_numpy())
             rec[f"n_{model}"] = len(sub)
             rec[f"{model}_mean"], rec[f"{model}_se"] = stats.mean_se(parts[model][0]) if len(sub) else (np.nan,) * 2
@@ -217,15 +259,104 @@ def measure_stats(samples: Any, targets: list[str] | tuple[str, ...] = (), n_boo
             p = stats.permutation_pvalue(a[keep_a], b[keep_b], n_perm=n_perm, seed=seed,
                                          strata_a=sa[keep_a], strata_b=sb[keep_b])
             rec.update(diff=ci.diff, ci_low=ci.low, ci_high=ci.high, p_value=p, n_prompts=len(common))
+            if a[keep_a].mean() != 0:
+                pc = stats.bootstrap_percent_change_ci(a[keep_a], b[keep_b], n_boot=n_boot, seed=seed,
+                                                       strata_a=sa[keep_a], strata_b=sb[keep_b])
+                rec.update(pct_change=pc.diff, pct_ci_low=pc.low, pct_ci_high=pc.high)
         else:
             rec.update(diff=np.nan, ci_low=np.nan, ci_high=np.nan, p_value=np.nan, n_prompts=0)
         records.append(rec)
     table = pd.DataFrame.from_records(records)
-    regions = table["measure"] != "reward"
-    table["p_holm"] = np.nan
-    table.loc[regions, "p_holm"] = stats.holm(table.loc[regions, "p_value"].to_numpy())
-    table.loc[~regions, "p_holm"] = table.loc[~regions, "p_value"]
+    for col in ("pct_change", "pct_ci_low", "pct_ci_high"):
+        if col not in table:
+            table[col] = np.nan
+    family = table["measure"].isin(list(measures) if holm_family is None else list(holm_family))
+    table["p_holm"] = table["p_value"]
+    table.loc[family, "p_holm"] = stats.holm(table.loc[family, "p_value"].to_numpy())
     return table
+
+
+def measure_stats(samples: Any, targets: list[str] | tuple[str, ...] = (), n_boot: int = N_BOOT,
+                  n_perm: int = N_PERM, seed: int = STATS_SEED) -> Any:
+    """The reward, 20 regions and 3 summaries (``MEASURES``); Holm over the 23 regions and summaries
+    (the reward's p is the pre-specified primary test and is not adjusted)."""
+    return compare_models(samples, MEASURES, targets, holm_family=[m for m in MEASURES if m != "reward"],
+                          n_boot=n_boot, n_perm=n_perm, seed=seed)
+
+
+def text_change_stats(samples: Any, n_boot: int = N_BOOT, n_perm: int = N_PERM, seed: int = STATS_SEED) -> Any:
+    """What changed in the text: ``TEXT_CHANGE_MEASURES``, Holm-corrected across that set."""
+    present = [m for m in TEXT_CHANGE_MEASURES if measure_column(m) in samples]
+    return compare_models(samples, present, ("reward",), holm_family=present, n_boot=n_boot, n_perm=n_perm, seed=seed)
+
+
+def top_risers(samples: Any, k: int = 5) -> list[dict[str, Any]]:
+    """The k completions whose reward rose most over the base model's completion with the same seed.
+
+    Sample j of prompt i shares its per-sample seed in both models, so the pair differs only by the
+    adapter; pairs where either side was not scored are skipped.
+    """
+    ok = samples[(samples["status"] == "ok") & samples["reward"].notna()]
+    base = ok[ok["model"] == "base"].set_index(["prompt_id", "sample_index"])
+    trained = ok[ok["model"] == "trained"].set_index(["prompt_id", "sample_index"])
+    common = base.index.intersection(trained.index)
+    pairs = []
+    for key in common:
+        b, t = base.loc[key], trained.loc[key]
+        pairs.append({"prompt_id": key[0], "sample_index": int(key[1]), "prompt": t["prompt"],
+                      "reward_base": float(b["reward"]), "reward_trained": float(t["reward"]),
+                      "rise": float(t["reward"] - b["reward"]),
+                      **{f"{m}_{side}": float(r[m]) for side, r in (("base", b), ("trained", t))
+                         for m in ("selectivity_global", "base_nll_per_token", "words_per_second") if m in r},
+                      "completion_base": b["completion"], "completion_trained": t["completion"]})
+    pairs.sort(key=lambda p: p["rise"], reverse=True)
+    return pairs[:k]
+
+
+# ---------------------------------------------------------------------------- speech robustness
+
+
+def score_voice_variants(pipeline: Any, rows: list[dict], n_voices: int) -> list[dict]:
+    """Score every scored row under ``n_voices`` speech variants; variant 0 is the main scoring.
+
+    Returns one record per (row, variant): model, prompt_id, sample_index, variant (its options as
+    JSON), status, reward. Variants come from ``SPEECH_VARIANTS`` of the pipeline's TTS backend.
+    """
+    backend = pipeline.cfg.get("tts", "espeak") if hasattr(pipeline, "cfg") else "espeak"
+    variants = SPEECH_VARIANTS.get(backend, ({},))
+    if not 1 <= n_voices <= len(variants):
+        raise ValueError(f"--voices must be between 1 and {len(variants)} for TTS backend {backend!r}")
+    out = []
+    t0 = time.time()
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        for v, options in enumerate(variants[:n_voices]):
+            result = None if v == 0 else pipeline.score(row["completion"], tts_options=options)
+            status = row["status"] if result is None else result.status
+            reward = row["reward"] if result is None else (result.reward if result.ok else None)
+            out.append({"model": row["model"], "prompt_id": row["prompt_id"], "sample_index": row["sample_index"],
+                        "variant": v, "options": json.dumps(options, sort_keys=True), "status": status,
+                        "reward": reward})
+    print(f"[eval] {n_voices} speech variants of {len({(r['model'], r['prompt_id'], r['sample_index']) for r in out})}"
+          f" completions in {time.time() - t0:.1f}s", flush=True)
+    return out
+
+
+def voice_spread(voices: Any, reward_diff: float) -> dict[str, Any]:
+    """Per-text sd of the reward across speech variants, next to the base-vs-trained difference.
+
+    ``flagged`` is True when |trained - base| is smaller than the median per-text spread: the gain
+    is then within what changing the voice alone does to a text's reward.
+    """
+    ok = voices[(voices["status"] == "ok") & voices["reward"].notna()]
+    per_text = ok.groupby(["model", "prompt_id", "sample_index"])["reward"].agg(["std", "count"])
+    per_text = per_text[per_text["count"] >= 2]
+    spread = per_text["std"].to_numpy(np.float64)
+    median = float(np.median(spread)) if spread.size else float("nan")
+    return {"n_texts": int(spread.size), "n_variants": int(voices["variant"].nunique()),
+            "median_sd": median, "mean_sd": float(spread.mean()) if spread.size else float("nan"),
+            "reward_diff": float(reward_diff), "flagged": bool(np.isfinite(median) and abs(reward_diff) < median)}
 
 
 def timeseries_table(courses: list[tuple[str, str, dict[str, np.ndarray]]]) -> pa.Table:
@@ -287,8 +418,12 @@ def format_table(table: Any, targets: list[str] | tuple[str, ...] = ()) -> str:
 
 def run_eval(cfg: Any, adapter: str | Path, out_dir: str | Path | None = None, n: int = 16,
              prompt_split: str = "held_out", max_prompts: int | None = None, seed: int | None = None,
-             temperature: float | None = None, config_path: str | None = None) -> dict[str, Any]:
-    """Sample, score, compare; write the outputs listed in the module docstring. Returns settings.json."""
+             temperature: float | None = None, config_path: str | None = None, voices: int = 1) -> dict[str, Any]:
+    """Sample, score, compare; write the outputs listed in the module docstring. Returns settings.json.
+
+    ``voices`` > 1 also scores every completion under that many speech variants (``voices.parquet``)
+    and reports the reward's voice-to-voice spread next to the base-vs-trained difference.
+    """
     import pandas as pd
 
     from actors.sampler import sample_seed
@@ -300,6 +435,8 @@ def run_eval(cfg: Any, adapter: str | Path, out_dir: str | Path | None = None, n
         raise FileNotFoundError(f"{adapter} is not a PEFT adapter directory (no adapter_config.json)")
     if n < 2:
         raise ValueError("n must be >= 2: standard errors and intervals need two completions per prompt")
+    if voices < 1:
+        raise ValueError(f"voices must be >= 1, got {voices}")
     out = Path(out_dir) if out_dir is not None else default_out_dir(adapter)
     out.mkdir(parents=True, exist_ok=True)
     prompts = split(load_prompts(cfg.prompts.file), prompt_split)
@@ -324,16 +461,27 @@ def run_eval(cfg: Any, adapter: str | Path, out_dir: str | Path | None = None, n
                     "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
                     "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
                     "max_new_tokens": settings.max_new_tokens,
+                    "base_nll_per_token": completions["base_nll"][(model, i, c.sample_index)],
                 })
     # No reward cache: the predictions must land in this directory, and held-out completions are new text.
     pipeline = build_pipeline(cfg.reward.pipeline.model_dump(), cfg.reward.spec, use_cache=False)
-    scored = score_rows(pipeline, rows, out)
+    targets = target_regions(cfg.reward.spec)
+    controls = tuple(cfg.guards.control_regions)
+    scored = score_rows(pipeline, rows, out, targets, controls)
     t_scored = time.time()
 
     pq.write_table(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), out / "samples.parquet")
     samples = pd.read_parquet(out / "samples.parquet")
-    targets = target_regions(cfg.reward.spec)
     table = measure_stats(samples, targets)
+    text_table = text_change_stats(samples)
+    pq.write_table(pa.Table.from_pandas(text_table, preserve_index=False), out / "text_stats.parquet")
+    reward_diff = float(table.set_index("measure").loc["reward", "diff"])
+    spread = None
+    if voices > 1:
+        voice_rows = score_voice_variants(pipeline, rows, voices)
+        pq.write_table(pa.Table.from_pylist(voice_rows), out / "voices.parquet")
+        spread = voice_spread(pd.read_parquet(out / "voices.parquet"), reward_diff)
+    t_voices = time.time()
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), out / "roi_stats.parquet")
     long = timeseries_table(scored["courses"])
     pq.write_table(long, out / "roi_timeseries.parquet")
@@ -354,8 +502,9 @@ def run_eval(cfg: Any, adapter: str | Path, out_dir: str | Path | None = None, n
         "maps_averaged_over": scored["map_n"],
         "stats": {"n_boot": N_BOOT, "n_perm": N_PERM, "seed": STATS_SEED, "level": 0.95,
                   "strata": "prompt_id", "difference": "trained - base"},
+        "control_regions": list(controls), "voices": voices, "voice_spread": spread,
         "seconds": {"generate": t_generated - t_start, "score": t_scored - t_generated,
-                    "total": time.time() - t_start},
+                    "voices": t_voices - t_scored, "total": time.time() - t_start},
         "created_at": time.time(),
     }
     (out / "settings.json").write_text(json.dumps(info, indent=1))
@@ -365,5 +514,13 @@ def run_eval(cfg: Any, adapter: str | Path, out_dir: str | Path | None = None, n
     if not info["encoder_trained"]:
         print("[eval] NOTE: untrained embedded encoder (seeded random weights): the machinery, not the brain")
     print(format_table(table, targets))
+    print("[eval] what changed in the text (trained - base; Holm across these measures):")
+    print(format_table(text_table, ("reward",)))
+    if spread is not None:
+        verdict = ("SMALLER than the voice-to-voice spread: not distinguishable from a change of voice"
+                   if spread["flagged"] else "larger than the voice-to-voice spread")
+        print(f"[eval] speech robustness: reward sd across {spread['n_variants']} speech variants per text, median "
+              f"{spread['median_sd']:.5f} over {spread['n_texts']} texts; |trained - base| = "
+              f"{abs(reward_diff):.5f} is {verdict}")
     print(f"[eval] wrote {out}")
     return info

@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 
 from brainloop import stats
-from brainloop.evaluate import MEASURES, MODELS, measure_stats, target_regions, timeseries_summary
+from brainloop.evaluate import (
+    MEASURES,
+    MODELS,
+    measure_stats,
+    target_regions,
+    text_change_stats,
+    timeseries_summary,
+    top_risers,
+    voice_spread,
+)
 from brainloop.rois import ROI_NAMES, SUMMARY_NAMES
 
 COLORS = {"base": "#6c757d", "trained": "#d9480f"}
@@ -125,6 +134,20 @@ def eval_numbers(eval_dir: Path, targets: list[str]) -> tuple[dict[str, Any], An
         "measures": {r["measure"]: {k: _num(v) for k, v in r.items() if k != "measure"}
                      for r in table.to_dict("records")},
     }
+    if "selectivity_global" in samples:  # evals made before the analysis columns existed lack them
+        text_table = text_change_stats(samples)
+        numbers["text_change"] = {r["measure"]: {k: _num(v) for k, v in r.items() if k != "measure"}
+                                  for r in text_table.to_dict("records")}
+        numbers["top_risers"] = [{k: _num(v) for k, v in p.items()} for p in top_risers(samples)]
+        saved_text = eval_dir / "text_stats.parquet"
+        if saved_text.is_file():
+            old = pd.read_parquet(saved_text).set_index("measure")
+            cols = ["base_mean", "trained_mean", "diff", "ci_low", "ci_high", "p_value", "p_holm"]
+            new = text_table.set_index("measure").loc[old.index, cols]
+            numbers["text_stats_file_max_abs_diff"] = float(np.nanmax(np.abs(new.to_numpy() - old[cols].to_numpy())))
+    if (eval_dir / "voices.parquet").is_file():
+        reward_diff = float(table.set_index("measure").loc["reward", "diff"])
+        numbers["voice_spread"] = voice_spread(pd.read_parquet(eval_dir / "voices.parquet"), reward_diff)
     saved = eval_dir / "roi_stats.parquet"
     if saved.is_file():
         old = pd.read_parquet(saved).set_index("measure")
@@ -337,6 +360,69 @@ def _examples(samples: Any, k: int = 3) -> list[str]:
     return lines
 
 
+_TEXT_MEASURE_LABELS = {
+    "reward": "target reward", "selectivity_global": "selectivity: target − whole cortex",
+    "selectivity_control": "selectivity: target − control regions", "base_nll_per_token":
+    "base-model NLL per token (nats)", "words_per_second": "words per second (speech)",
+    "sentence_length": "sentence length (words)", "punctuation_rate": "punctuation marks per word",
+    "type_token_ratio": "type-token ratio",
+}
+
+
+def _text_change_section(ev: dict[str, Any]) -> list[str]:
+    """Base vs trained on the held-out prompts: what changed in the text, and was the gain selective?"""
+    change = ev.get("text_change")
+    if not change:
+        return []
+    lines = ["## What changed in the text", "",
+             "Base vs trained completions on the held-out prompts (same prompts, same per-sample seeds). Each "
+             "difference has a percentile bootstrap 95% CI and a permutation p, stratified by prompt, Holm-"
+             "corrected across the measures of this table. Selectivity is the target response minus the whole "
+             "cortex mean, and minus the control regions (a gain that is not selective raises everything); the "
+             "base-model NLL per token says how natural the base model finds the text.", ""]
+    r = change.get("reward", {})
+    if r.get("pct_change") is not None and math.isfinite(r.get("pct_change", math.nan)):
+        lines += [f"**Target reward: {r['pct_change']:+.1f} % from base** (bootstrap 95% CI "
+                  f"[{r['pct_ci_low']:+.1f} %, {r['pct_ci_high']:+.1f} %]) — the figure the published experiment "
+                  "reported as its headline.", ""]
+    lines += ["| measure | base mean ± se | trained mean ± se | trained − base [95% CI] | p | p (Holm) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, m in change.items():
+        lines.append(f"| {_TEXT_MEASURE_LABELS.get(name, name)} | {_fmt(m['base_mean'])} ± {_fmt(m['base_se'])} | "
+                     f"{_fmt(m['trained_mean'])} ± {_fmt(m['trained_se'])} | {_fmt_signed(m['diff'])} "
+                     f"[{_fmt_signed(m['ci_low'])}, {_fmt_signed(m['ci_high'])}] | {_fmt_p(m['p_value'])} | "
+                     f"{_fmt_p(m['p_holm'])} |")
+    lines.append("")
+    spread = ev.get("voice_spread")
+    if spread:
+        verdict = ("**smaller** than the median voice-to-voice spread: the gain is not distinguishable from a "
+                   "change of voice" if spread["flagged"] else "larger than the median voice-to-voice spread")
+        lines += [f"Speech robustness: each completion scored under {spread['n_variants']} speech variants; the "
+                  f"reward's sd across variants per text has median {_fmt(spread['median_sd'])} "
+                  f"({spread['n_texts']} texts). |trained − base| = {_fmt(abs(spread['reward_diff']))} is {verdict}.",
+                  ""]
+    risers = ev.get("top_risers") or []
+    if risers:
+        lines += ["### The completions whose reward rose most", "",
+                  "Trained completion vs the base model's completion with the same prompt and seed.", ""]
+        for p in risers:
+            lines += [f"**`{p['prompt_id']}` sample {p['sample_index']}**: reward {p['reward_base']:.5f} → "
+                      f"{p['reward_trained']:.5f} ({p['rise']:+.5f}); selectivity (global) "
+                      f"{_fmt(p.get('selectivity_global_base'))} → {_fmt(p.get('selectivity_global_trained'))}; "
+                      f"base NLL/token {_fmt(p.get('base_nll_per_token_base'), 3)} → "
+                      f"{_fmt(p.get('base_nll_per_token_trained'), 3)}; words/s "
+                      f"{_fmt(p.get('words_per_second_base'), 2)} → {_fmt(p.get('words_per_second_trained'), 2)}",
+                      "", f"*base:* {p['completion_base'].strip()[:600]}", "",
+                      f"*trained:* {p['completion_trained'].strip()[:600]}", ""]
+    return lines
+
+
+def _fmt_signed(x: Any, digits: int = 5) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "–"
+    return f"{x:+.{digits}f}"
+
+
 def write_markdown(path: Path, run_dir: Path, loaded: dict[str, Any], tr: dict[str, Any],
                    ev: dict[str, Any] | None, table: Any, samples: Any, figures: dict[str, str]) -> Path:
     cfg, spec = loaded["cfg"], loaded["spec"]
@@ -406,10 +492,14 @@ def write_markdown(path: Path, run_dir: Path, loaded: dict[str, Any], tr: dict[s
                   f"![difference]({figures['surface_diff']})", "", "## Example completions", "",
                   "Sample 0 of the first prompts, both models with the same per-sample seed.", ""]
         lines += _examples(samples)
+        lines += _text_change_section(ev)
     checks = [f"per-step reward means agree with the driver's `metrics.jsonl` within "
               f"{tr['metrics_reward_mean_max_abs_diff']:.1e} (max abs difference)"]
     if ev is not None and "roi_stats_file_max_abs_diff" in ev:
         checks.append(f"eval statistics agree with `roi_stats.parquet` within {ev['roi_stats_file_max_abs_diff']:.1e}")
+    if ev is not None and "text_stats_file_max_abs_diff" in ev:
+        checks.append(f"text-change statistics agree with `text_stats.parquet` within "
+                      f"{ev['text_stats_file_max_abs_diff']:.1e}")
     lines += ["## Reproducibility", "", "Every number above is recomputed from the Parquet files and saved in "
               "`report_numbers.json`; " + "; ".join(checks) + ".", ""]
     path.write_text("\n".join(lines))

@@ -2,8 +2,13 @@
 
 A reward spec says which cortical response we want: the mean activation of a region (the reference:
 Broca), a weighted sum of regions (raise one, lower another: a specification such as "more
-language, less default-mode"), or a region's contrast against the whole-cortex mean. Time is
-averaged over all TRs, or a window of them.
+language, less default-mode"), or a region's response *selective* against the whole-cortex mean
+(``kind: selective``; ``contrast`` is its older name). Time is averaged over all TRs, or a window of
+them.
+
+When to use ``selective``: a brain reward is easiest to raise by raising everything (louder, denser
+speech drives most of cortex). ``roi_mean`` rewards that; ``selective`` does not, because a uniform
+rise cancels in target - global. Use it when the claim to be made is about the target region.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from brainloop.rois import ROI_NAMES, SUMMARY_NAMES
 class RewardSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["roi_mean", "weighted", "contrast"] = "roi_mean"
+    kind: Literal["roi_mean", "weighted", "selective", "contrast"] = "roi_mean"
     rois: list[str] = Field(default_factory=lambda: ["broca"])
     weights: dict[str, float] = Field(default_factory=dict)
     direction: Literal["maximize", "minimize"] = "maximize"
@@ -38,11 +43,17 @@ class RewardSpec(BaseModel):
             raise ValueError(f"tr_window must be [start, stop) with 0 <= start < stop, got {self.tr_window}")
         return self
 
+    def target_regions(self) -> list[str]:
+        """Regions the spec is about (weighted specs: those with non-zero weight)."""
+        if self.kind == "weighted":
+            return [r for r, w in self.weights.items() if w != 0]
+        return list(self.rois)
+
     def describe(self) -> str:
         sign = "" if self.direction == "maximize" else "-"
         if self.kind == "weighted":
             body = " + ".join(f"{w:g}*{r}" for r, w in self.weights.items())
-        elif self.kind == "contrast":
+        elif self.kind in ("selective", "contrast"):
             body = f"mean({', '.join(self.rois)}) - global"
         else:
             body = f"mean({', '.join(self.rois)})"

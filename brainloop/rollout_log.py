@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from brainloop.analysis import ANALYSIS_COLUMNS
 from brainloop.rois import ROI_NAMES, SUMMARY_NAMES
 
 ROI_COLUMNS = [f"roi_{name}" for name in (*ROI_NAMES, *SUMMARY_NAMES)]
@@ -45,6 +46,9 @@ ROLLOUT_SCHEMA = pa.schema(
         ("reward_attempts", pa.int32()),
         ("cache_hit", pa.bool_()),
         ("encoder_trained", pa.bool_()),
+        ("official_release", pa.bool_()),  # encoder and feature settings from an official TRIBE release
+        ("splitter", pa.string()),  # spaCy sentence splitter of the word contexts (en_core_web_lg | sentencizer)
+        ("n_words_kept", pa.int32()),  # words that got a context (upstream drops words it cannot locate)
         ("timings_json", pa.string()),  # seconds per pipeline stage
         ("is_weight", pa.float64()),  # mean truncated importance weight of its tokens (1 when on-policy)
         ("sample_started_at", pa.float64()),  # unix times: the sampler's generate call started / finished,
@@ -52,6 +56,9 @@ ROLLOUT_SCHEMA = pa.schema(
         ("submitted_at", pa.float64()),  # the text was submitted to the reward pool,
         ("scored_at", pa.float64()),  # its reward arrived at the driver,
         ("updated_at", pa.float64()),  # the update using it finished
+        # brainloop.analysis: selectivity (target - whole cortex / - control regions), the base model's NLL
+        # per token, words per second, fraction of tokens removed before speech, text statistics
+        *[(col, pa.float64()) for col in ANALYSIS_COLUMNS],
     ]
 )
 

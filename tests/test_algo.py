@@ -104,3 +104,93 @@ def test_linear_temperature_schedule():
     assert algo.linear_schedule(0, 200, 1.0, 0.6) == pytest.approx(1.0)
     assert algo.linear_schedule(199, 200, 1.0, 0.6) == pytest.approx(0.6)
     assert algo.linear_schedule(99, 199, 1.0, 0.6) == pytest.approx(0.8)
+
+
+# ---- the loss per token, and the chunked head ------------------------------------------------------
+
+
+def test_loss_weights_hand_case():
+    # Sequence 0: 2 completion tokens, A = 2, group of 4 -> ce_w = 2 / (2 * 4), kl_w = 0.1 / (2 * 4).
+    # Sequence 1: 1 token, A = -1, group of 2 -> ce_w = -1 / 2, kl_w = 0.1 / 2. Padding weighs 0.
+    ce_w, kl_w = algo.loss_weights(torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]), torch.tensor([2.0, -1.0]),
+                                   torch.tensor([4.0, 2.0]), kl_coef=0.1)
+    assert ce_w.flatten().tolist() == pytest.approx([0.25, 0.25, 0.0, -0.5, 0.0, 0.0])
+    assert kl_w.flatten().tolist() == pytest.approx([0.0125, 0.0125, 0.0, 0.05, 0.0, 0.0])
+
+
+def test_head_terms_two_token_hand_case():
+    # pi = (1/2, 1/2), pi_ref = (3/4, 1/4), target 1, on-policy (rho = 1), ce weight c, KL weight k.
+    c, k = 0.3, 0.1
+    loss, tok, kl, rho, grad, ref_tok = algo.head_terms(
+        torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]]), torch.tensor([1]), torch.tensor([c]),
+        torch.tensor([k]), torch.tensor([-9.0]), torch.tensor([True]), cap=2.0)
+    expected_kl = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert tok.item() == pytest.approx(math.log(0.5)) and rho.item() == 1.0
+    assert ref_tok.item() == pytest.approx(math.log(0.25), abs=1e-7)  # the base model's log-prob of the token
+    assert kl.item() == pytest.approx(expected_kl, abs=1e-7)
+    assert loss.item() == pytest.approx(-c * math.log(0.5) + k * expected_kl, abs=1e-7)
+    # d/dz: c * (p - onehot(1)) + k * p * (log p - log p_ref - KL)
+    assert grad[0, 0].item() == pytest.approx(c * 0.5 + k * 0.5 * (math.log(0.5 / 0.75) - expected_kl), abs=1e-7)
+    assert grad[0, 1].item() == pytest.approx(c * -0.5 + k * 0.5 * (math.log(0.5 / 0.25) - expected_kl), abs=1e-7)
+
+
+def test_head_terms_bit_identical_to_the_reference_functions_and_autograd():
+    torch.manual_seed(1)
+    logits, ref = torch.randn(6, 11), torch.randn(6, 11)
+    targets = torch.randint(0, 11, (6,))
+    ce_w, kl_w = torch.randn(6), torch.rand(6)
+    sampler, on_policy = torch.randn(6) - 2.5, torch.tensor([True, False] * 3)
+    loss, tok, kl, rho, grad, ref_tok = algo.head_terms(logits, ref, targets, ce_w, kl_w, sampler, on_policy, cap=2.0)
+    # The same operations as token_log_probs / full_kl: equal bits, not just close values.
+    assert torch.equal(tok, algo.token_log_probs(logits[None], targets[None])[0])
+    assert torch.equal(kl, algo.full_kl(logits[None], ref[None])[0])
+    torch.testing.assert_close(ref_tok, algo.token_log_probs(ref[None], targets[None])[0], rtol=1e-6, atol=1e-6)
+    z = logits.clone().requires_grad_(True)
+    logp = algo.token_log_probs(z[None], targets[None])[0]
+    weights = algo.truncated_importance_weights(logp[None], sampler[None], on_policy[:1], 2.0)  # shape only
+    rho_ref = torch.where(on_policy, torch.ones(6), torch.exp(logp.detach() - sampler).clamp(max=2.0))
+    assert weights.shape == (1, 6) and torch.equal(rho, rho_ref)
+    autograd_loss = (ce_w * rho_ref * -logp + kl_w * algo.full_kl(z[None], ref[None])[0]).sum()
+    autograd_loss.backward()
+    assert loss.item() == pytest.approx(autograd_loss.item(), rel=1e-6)
+    torch.testing.assert_close(grad, z.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_policy_head_loss_in_chunks_equals_policy_loss_on_whole_logits():
+    # Two sequences of a group of 2 and one of a group of 4, padding included, one off-policy row.
+    torch.manual_seed(2)
+    B, T, H, V = 3, 5, 4, 9
+    hidden = torch.randn(B, T, H, dtype=torch.float64, requires_grad=True)
+    ref_hidden = torch.randn(B, T, H, dtype=torch.float64)
+    weight = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (B, T))
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.float64)
+    adv, sizes = torch.tensor([0.7, -0.7, 1.3], dtype=torch.float64), torch.tensor([2.0, 2.0, 4.0])
+    sampler = torch.randn(B, T, dtype=torch.float64) - 2.0
+    on_policy = torch.tensor([True, False, True])
+
+    logits = hidden @ weight.T
+    rho = algo.truncated_importance_weights(algo.token_log_probs(logits, targets), sampler, on_policy, 2.0)
+    # pi_ref is a constant of the loss (no gradient through its logits), as in the learner
+    expected, stats = algo.policy_loss(logits, ref_hidden @ weight.detach().T, targets, mask, adv, 0.1, sizes, rho)
+    expected.backward()
+    want = (hidden.grad.clone(), weight.grad.clone())
+
+    keep = mask.bool()
+    ce_w, kl_w = algo.loss_weights(mask, adv, sizes, 0.1)
+    for rows in (1, 4, 100):  # one position per chunk, a chunk boundary mid-sequence, one chunk
+        hidden.grad = weight.grad = None
+        loss, tok, kl, rho_out, ref_tok = algo.policy_head_loss(
+            hidden[keep], ref_hidden[keep], weight, targets[keep], ce_w[keep], kl_w[keep], sampler[keep],
+            on_policy[:, None].expand(B, T)[keep], 2.0, chunk_elements=rows * V)
+        loss.backward()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+        torch.testing.assert_close(tok, stats["logp"][keep], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rho_out, rho[keep], rtol=1e-12, atol=1e-12)
+        ref_logp = algo.token_log_probs(ref_hidden @ weight.detach().T, targets)
+        torch.testing.assert_close(ref_tok, ref_logp[keep], rtol=1e-10, atol=1e-12)
+        kl_mean = algo.masked_mean(kl.new_zeros(B, T).masked_scatter_(keep, kl), mask)
+        torch.testing.assert_close(kl_mean, stats["kl_per_token"], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(hidden.grad, want[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(weight.grad, want[1], rtol=1e-10, atol=1e-12)
+        assert hidden.grad[~keep].abs().max() == 0  # padding positions never reach the vocabulary

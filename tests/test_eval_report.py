@@ -175,7 +175,7 @@ def evaluated(tmp_path_factory) -> Path:
     del peft_model, model
     rc = cli_main(["eval", "--config", str(CONFIG), "--adapter", str(root / "final_adapter"), "--n", "2",
                    "--max-prompts", "2", "--set", "sampler.engine=transformers", "--set", "sampler.max_new_tokens=8",
-                   "--set", "sampler.cpu_threads=1", "--seed", "11"])
+                   "--set", "sampler.cpu_threads=1", "--seed", "11", "--voices", "2"])
     assert rc == 0
     return root / "eval"  # the default output directory: RUN_DIR/eval
 
@@ -238,6 +238,62 @@ def test_eval_outputs(evaluated: Path) -> None:
         assert r["diff"] == pytest.approx(b.mean() - a.mean())
         assert r["ci_low"] <= r["diff"] <= r["ci_high"]
         assert 1 / 10001 <= r["p_value"] <= 1.0 and r["p_holm"] >= r["p_value"] - 1e-12
+
+
+def test_eval_analysis_columns_and_voices(evaluated: Path) -> None:
+    """Selectivity, speech and text columns recomputed by hand from each row; base NLL from the base model;
+    ``--voices 2`` scored every completion under a second espeak variant."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from brainloop import analysis
+    from brainloop.models import resolve_model
+
+    samples = pd.read_parquet(evaluated / "samples.parquet")
+    ok = samples[samples["status"] == "ok"]
+    for row in ok.itertuples():
+        assert row.target_response == pytest.approx(row.roi_broca)
+        assert row.selectivity_global == pytest.approx(row.roi_broca - row.roi_global)
+        assert row.selectivity_control == pytest.approx(row.roi_broca - (row.roi_v1 + row.roi_lateral_occipital) / 2)
+        assert row.words_per_second == pytest.approx(row.n_words / row.audio_seconds, rel=1e-5)
+        assert 0.0 <= row.removed_token_fraction <= 1.0
+        text = analysis.text_statistics(row.completion)
+        assert (row.sentence_length, row.type_token_ratio) == pytest.approx(
+            (text["sentence_length"], text["type_token_ratio"]), nan_ok=True)
+        assert row.splitter in ("sentencizer", "en_core_web_lg") and row.n_words_kept >= 1
+    # The base model's NLL per token of a completion, recomputed with transformers on the chat-formatted prompt.
+    path = resolve_model("pkg:smollm2-135m-instruct")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    row = samples[samples["model"] == "trained"].iloc[0]
+    prompt_ids = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                         tokenize=True, return_dict=False)
+    completion_ids = tok(row["completion"], add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([list(prompt_ids) + completion_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0, len(prompt_ids) - 1 : -1].double(), -1)
+    nll = -logp.gather(1, ids[0, len(prompt_ids):, None]).mean().item()
+    # Re-tokenising the decoded text may differ from the sampled ids by a token; a loose check of the same quantity.
+    assert row["base_nll_per_token"] == pytest.approx(nll, rel=0.15)
+    assert samples["base_nll_per_token"].notna().all()
+
+    voices = pd.read_parquet(evaluated / "voices.parquet")
+    assert sorted(voices["variant"].unique()) == [0, 1]
+    assert len(voices) == 2 * len(ok)
+    main = voices[voices["variant"] == 0].merge(ok, on=["model", "prompt_id", "sample_index"])
+    np.testing.assert_allclose(main["reward_x"], main["reward_y"])  # variant 0 is the main scoring
+    other = voices[voices["variant"] == 1]
+    assert (other["status"] == "ok").all() and json.loads(other["options"].iloc[0]) == {"rate": 140}
+    assert not np.allclose(main["reward_x"].to_numpy(), other.sort_values(["model", "prompt_id", "sample_index"])
+                           ["reward"].to_numpy())  # a slower voice really changes the prediction
+    settings = json.loads((evaluated / "settings.json").read_text())
+    spread = settings["voice_spread"]
+    assert spread["n_variants"] == 2 and spread["n_texts"] == len(ok)
+    per_text = voices.groupby(["model", "prompt_id", "sample_index"])["reward"].std()
+    assert spread["median_sd"] == pytest.approx(float(np.median(per_text)))
+    assert spread["flagged"] == (abs(spread["reward_diff"]) < spread["median_sd"])
 
 
 # ---------------------------------------------------------------------------- report
@@ -332,6 +388,32 @@ def test_report_numbers_are_the_parquet_data(evaluated: Path, tmp_path: Path) ->
         assert got["trained_mean"] == pytest.approx(b[col].mean(), abs=1e-12)
         assert (got["diff"], got["ci_low"], got["ci_high"], got["p_value"]) == pytest.approx((*ci, p), abs=1e-12)
         assert f"{got['diff']:+.5f} [{got['ci_low']:+.5f}, {got['ci_high']:+.5f}]" in md
+    # What changed in the text: recomputed here, Holm across the set, percent change of the reward.
+    measures = list(ev["text_change"])
+    assert measures == ["reward", "selectivity_global", "selectivity_control", "base_nll_per_token",
+                        "words_per_second", "sentence_length", "punctuation_rate", "type_token_ratio"]
+    a, b = (ok[ok["model"] == m] for m in MODELS)
+    pvals = []
+    for measure in measures:
+        keep_a, keep_b = a[np.isfinite(a[measure].astype(float))], b[np.isfinite(b[measure].astype(float))]
+        p = stats.permutation_pvalue(keep_a[measure], keep_b[measure], strata_a=keep_a["prompt_id"],
+                                     strata_b=keep_b["prompt_id"])
+        assert ev["text_change"][measure]["p_value"] == pytest.approx(p, abs=1e-12)
+        assert ev["text_change"][measure]["diff"] == pytest.approx(keep_b[measure].mean() - keep_a[measure].mean())
+        pvals.append(p)
+    np.testing.assert_allclose([ev["text_change"][m]["p_holm"] for m in measures], stats.holm(pvals), atol=1e-12)
+    pc = stats.bootstrap_percent_change_ci(a["reward"], b["reward"], strata_a=a["prompt_id"], strata_b=b["prompt_id"])
+    got = ev["text_change"]["reward"]
+    assert (got["pct_change"], got["pct_ci_low"], got["pct_ci_high"]) == pytest.approx(tuple(pc), abs=1e-9)
+    assert ev["text_stats_file_max_abs_diff"] < 1e-12
+    assert "## What changed in the text" in md and f"{got['pct_change']:+.1f} % from base" in md
+    risers = ev["top_risers"]
+    assert 1 <= len(risers) <= 5 and [r["rise"] for r in risers] == sorted((r["rise"] for r in risers), reverse=True)
+    top = risers[0]
+    pair = ok[(ok["prompt_id"] == top["prompt_id"]) & (ok["sample_index"] == top["sample_index"])].set_index("model")
+    assert top["rise"] == pytest.approx(pair.loc["trained", "reward"] - pair.loc["base", "reward"])
+    assert ev["voice_spread"]["n_variants"] == 2 and "Speech robustness" in md
+
     long = pd.read_parquet(evaluated / "roi_timeseries.parquet")
     broca = long[(long["model"] == "trained") & (long["measure"] == "broca")]
     expected = broca.groupby("tr")["value"].mean().to_numpy()

@@ -288,3 +288,23 @@ def test_audio_hub_id_fails_clearly_offline() -> None:
         pytest.skip("w2v-bert-2.0 is in the local Hugging Face cache")
     with pytest.raises(RuntimeError, match=re.escape("facebook/w2v-bert-2.0")):
         AudioFeatureExtractor("facebook/w2v-bert-2.0")
+
+
+def test_long_audio_pieces_are_encoded_separately(one_thread) -> None:
+    """Upstream's ChunkEvents: 95 s -> pieces [0, 60) and [60, 95), each z-scored and encoded alone."""
+    from reward_workers.audio_features import AudioFeatureExtractor
+    from reward_workers.binning import nearest_indices
+
+    rate = 16_000
+    wav = _tone(95.0, rate) * np.linspace(1.0, 3.0, 95 * rate)  # louder later: separate z-scores matter
+    a = AudioFeatureExtractor(None, seed=0)
+    pieces = a.chunk_features(wav, rate)
+    assert [start for start, _ in pieces] == [0.0, 60.0]
+    assert [f.shape[-1] for _, f in pieces] == [120, 70]  # round(2 * duration) steps at 2 Hz
+    alone = a.frames(wav[60 * rate :], rate)
+    np.testing.assert_allclose(pieces[1][1], alone[..., nearest_indices(alone.shape[-1], 70)], atol=1e-5)
+    whole = a.frames(wav, rate)  # one piece would differ: attention and z-score span all 95 s
+    assert np.abs(whole[..., nearest_indices(whole.shape[-1], 190)][..., 120:] - pieces[1][1]).max() > 1e-3
+    grid = a.features(wav, rate, n_bins=200)
+    np.testing.assert_array_equal(grid[..., 120:190], pieces[1][1])
+    assert not grid[..., 190:].any()

@@ -1,9 +1,12 @@
-"""The learner's batching: micro-batches that mix groups give the gradient of one group at a time."""
+"""The learner's batching (micro-batches that mix groups give the gradient of one group at a time)
+and its checkpoint state (adapter, optimizer, version, CPU and CUDA random generators)."""
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
+
+import torch
 
 from brainloop.config import load_config
 from learner.learner import Learner, TrainGroup, TrainSample
@@ -43,3 +46,32 @@ def test_micro_batches_across_groups_give_the_same_update():
         for key in ("loss", "kl_per_token", "ce", "grad_norm"):
             assert abs(stats[key] - ref_stats[key]) <= 1e-5 * max(1.0, abs(ref_stats[key])), (micro, key)
         assert max((grads[n] - ref_grads[n]).abs().max().item() for n in grads) <= 1e-5 * scale, micro
+
+
+def test_state_round_trip_restores_the_cpu_and_cuda_generators(monkeypatch, caplog):
+    cfg = load_config(CONFIG)
+    learner = Learner(cfg.policy.model_dump(), cfg.learner.model_dump(), 10, 0, cfg.algo.model_dump())
+    # No GPU here: a stand-in CUDA runtime with two devices, whose generator states are byte tensors
+    # (what torch.cuda.get_rng_state_all returns), records what the learner restores.
+    devices = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5, 6], dtype=torch.uint8)]
+    restored: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [d.clone() for d in devices])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(list(states)))
+    blob = learner.state()
+    expected = torch.rand(4)  # what the CPU generator gives right after the checkpoint
+    torch.rand(7)
+    assert learner.load_state(blob) == 0
+    assert torch.equal(torch.rand(4), expected)
+    assert len(restored) == 1 and [r.tolist() for r in restored[0]] == [d.tolist() for d in devices]
+    assert all(r.device.type == "cpu" and r.dtype == torch.uint8 for r in restored[0])
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed on fewer GPUs: the first ones
+    with caplog.at_level("WARNING", logger="learner.learner"):
+        learner.load_state(blob)
+    assert [r.tolist() for r in restored[1]] == [devices[0].tolist()] and "2 devices, 1 visible" in caplog.text
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only checkpoint: nothing to restore
+    learner.load_state(learner.state())
+    assert len(restored) == 2

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from brainloop.cli import main as cli_main
 from brainloop.config import load_config
@@ -172,11 +171,13 @@ def test_prediction_equals_stages_run_by_hand(pipe, demo_cfg, monkeypatch, tmp_p
     so this also checks that the pipeline builds its models from the config as documented.
     """
     import reward_workers.tts as tts_module
+    from reward_workers import release as rel
     from reward_workers.audio_features import AudioFeatureExtractor
-    from reward_workers.binning import bin_word_features, n_bins_for
-    from reward_workers.encoder import embedded_encoder_config, load_fmri_encoder, predict_segments
+    from reward_workers.binning import audio_chunks, bin_word_features, place_frames, upstream_timeline
+    from reward_workers.encoder import encoder_from_state_dict, predict_segment_batch
     from reward_workers.speakable import make_speakable
     from reward_workers.text_features import TextFeatureExtractor
+    from reward_workers.word_context import load_splitter, sentence_extents, word_contexts
     from reward_workers.word_timing import word_events
 
     real_synthesize = tts_module.synthesize
@@ -197,25 +198,35 @@ def test_prediction_equals_stages_run_by_hand(pipe, demo_cfg, monkeypatch, tmp_p
     speakable = make_speakable(text, cfg.max_chars)
     assert args == (speakable.text, cfg.tts) and kwargs == {"voice": cfg.tts_voice}
     events = word_events(speech, speakable.text, cfg.word_timing, model=cfg.asr_model)
-    n_bins = n_bins_for(speech.seconds)
+    assert [e.start for e in events] == sorted(e.start for e in events)  # already in upstream's order
+    words = [e.text for e in events]
+    starts, durations = [e.start for e in events], [e.duration for e in events]
+    ctx = word_contexts(words, load_splitter(cfg.spacy_model), max_context_len=cfg.max_context_words)
+    assert ctx.kept == list(range(len(words))) and ctx.splitter == result.splitter
     text_x = TextFeatureExtractor(cfg.text_model, max_context_words=cfg.max_context_words, device=cfg.device,
                                   cache_n_layers=cfg.text_cache_n_layers)
-    words = text_x.word_features([e.text for e in events])
-    text_feats = bin_word_features(words, [e.start for e in events], [e.duration for e in events], n_bins)
+    feats = text_x.context_features(ctx.contexts, words)
+    chunks = audio_chunks(speech.seconds, speech.sample_rate)
+    first, last = min(starts), max(a + b for a, b in zip(starts, durations, strict=True))
+    extents = [(a, a + b) for a, b in chunks] + list(zip(starts, np.add(starts, durations), strict=True))
+    extents += [(first, first + (last - first)), *sentence_extents(starts, durations, ctx.located)]
+    timeline = upstream_timeline(extents)
     audio_x = AudioFeatureExtractor(cfg.audio_model, device=cfg.device)
-    audio_feats = audio_x.features(speech.waveform, speech.sample_rate, n_bins)
-    enc = cfg.encoder
-    encoder = load_fmri_encoder(
-        embedded_encoder_config({"text": text_x.feature_dims, "audio": audio_x.feature_dims}, hidden=enc.hidden,
-                                depth=enc.depth, heads=enc.heads, low_rank_head=enc.low_rank_head),
-        None, seed=enc.seed,
-    ).eval()
-    with torch.no_grad():
-        by_hand = predict_segments(encoder, {"text": torch.from_numpy(text_feats),
-                                             "audio": torch.from_numpy(audio_feats)})
+    pieces = audio_x.chunk_features(speech.waveform, speech.sample_rate, chunks)
+    segments = {
+        "text": np.stack([bin_word_features(feats, starts, durations, 200, segment_start=s0)
+                          for s0 in timeline.segment_starts]),
+        "audio": np.stack([sum(place_frames(f, a, s0, 200) for a, f in pieces) for s0 in timeline.segment_starts]),
+    }
+    # the embedded default is a release on disk, loaded as the official one would be
+    config = rel.load_release_config(pipe.release_dir / rel.CONFIG_NAME)
+    state, build_args = rel.load_checkpoint(pipe.release_dir / rel.CHECKPOINT_NAME)
+    encoder = encoder_from_state_dict(rel.encoder_config(config, build_args), state, build_args)
+    by_hand = predict_segment_batch(encoder, segments, timeline.kept_trs)
 
     prediction = np.load(result.prediction_path)
-    assert prediction.shape == by_hand.shape == (math.ceil(n_bins / 2), 20484)
+    # TribeModel.predict keeps every TR up to the end of the audio: ceil(seconds)
+    assert prediction.shape == by_hand.shape == (math.ceil(speech.seconds), 20484)
     np.testing.assert_allclose(prediction, by_hand, rtol=0, atol=1e-6)
     assert (result.n_trs, result.n_words, result.audio_seconds) == (by_hand.shape[0], len(events), speech.seconds)
     assert result.truncated is False and result.english is True
@@ -286,6 +297,17 @@ def test_cache_key_depends_on_spec_and_pipeline_settings(cached, demo_cfg):
     assert cached.score(PASSAGE).cache_hit is True
 
 
+def test_cache_version_bump_invalidates_old_entries(cached, monkeypatch):
+    import reward_workers.pipeline as pipeline_module
+
+    assert pipeline_module.PIPELINE_VERSION >= 2  # 2: upstream contexts, per-segment binning, releases
+    key = cached.cache_key(PASSAGE)
+    old_base = cached.cache_key_base.replace(f'"version": {pipeline_module.PIPELINE_VERSION}', '"version": 1')
+    assert old_base != cached.cache_key_base
+    monkeypatch.setattr(cached, "cache_key_base", old_base)
+    assert cached.cache_key(PASSAGE) != key
+
+
 @pytest.mark.parametrize("garbage", [b"{\"status\": \"ok\", \"rew", b"\xff\xfe\x00 not json", b"[1, 2, 3]",
                                      b"{\"status\": \"ok\", \"no_such_field\": 1}"])
 def test_corrupted_cache_entry_is_recomputed(cached, garbage):
@@ -309,6 +331,7 @@ def test_cli_score_prints_table_and_writes_surface(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert rc == 0
     assert "reward ((mean(broca)))" in printed and "untrained embedded encoder" in printed
+    assert "fidelity: sentence splitter " in printed and "encoder: not an official TRIBE v2 release" in printed
     for name in ALL_REGIONS:
         assert any(line.split()[:1] == [name] for line in printed.splitlines()), name
     png = out / "surface.png"
@@ -316,6 +339,8 @@ def test_cli_score_prints_table_and_writes_surface(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["status"] == "ok" and np.load(saved["prediction_path"]).shape[1] == 20484
+    assert saved["splitter"] in ("en_core_web_lg", "sentencizer") and saved["official_release"] is False
+    assert f"sentence splitter {saved['splitter']}" in printed
 
 
 def test_cli_score_unspeakable_exits_nonzero(tmp_path, capsys):
