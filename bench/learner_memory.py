@@ -127,11 +127,11 @@ def _second_copy_class():
             from transformers import AutoModelForCausalLM
 
             from brainloop.models import resolve_model
-            from learner.learner import _dtype
+            from learner.learner import torch_dtype
 
             super().__init__(policy, learner, total_steps, seed, algo_cfg)
             self.ref_model = AutoModelForCausalLM.from_pretrained(
-                resolve_model(policy["model"]), dtype=_dtype(policy["dtype"])).to(self.device).eval()
+                resolve_model(policy["model"]), dtype=torch_dtype(policy["dtype"])).to(self.device).eval()
             self.ref_model.requires_grad_(False)
 
         @torch.no_grad()

@@ -47,7 +47,7 @@ class TrainGroup:
     samples: list[TrainSample]
 
 
-def _dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -63,7 +63,7 @@ class Learner:
         self.algo_cfg = algo_cfg
         self.total_steps = total_steps
         self.device = "cuda" if torch.cuda.is_available() and learner.get("num_gpus", 0) > 0 else "cpu"
-        base = AutoModelForCausalLM.from_pretrained(resolve_model(policy["model"]), dtype=_dtype(policy["dtype"]))
+        base = AutoModelForCausalLM.from_pretrained(resolve_model(policy["model"]), dtype=torch_dtype(policy["dtype"]))
         lora = policy["lora"]
         self.model = get_peft_model(
             base,

@@ -53,3 +53,41 @@ def test_no_import_cycle_between_files() -> None:
     cycles = sorted({tuple(sorted((m, i))) for m in graph.modules for i in graph.find_modules_directly_imported_by(m)
                      if graph.chain_exists(importer=i, imported=m)})
     assert not cycles, f"import cycles: {cycles}"
+
+
+def test_no_module_or_benchmark_imports_a_private_name() -> None:
+    """What another module needs is public API: no `from x import _name` and no `module._name` across modules."""
+    import ast
+
+    ours = (*PACKAGES, "bench")
+    found = []
+    for root in ours:
+        for path in sorted((REPO / root).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            modules = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ours:
+                    found += [f"{path.relative_to(REPO)}: from {node.module} import {a.name}"
+                              for a in node.names if a.name.startswith("_")]
+                    modules |= {a.asname or a.name for a in node.names}
+                elif isinstance(node, ast.Import):
+                    modules |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] in ours}
+            found += [f"{path.relative_to(REPO)}: {node.value.id}.{node.attr}" for node in ast.walk(tree)
+                      if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                      and node.value.id in modules and node.attr.startswith("_") and not node.attr.startswith("__")]
+    assert not found, found
+
+
+def test_every_script_that_talks_to_ray_uses_token_auth_and_no_shell_strings() -> None:
+    """Security defaults that live in files: token auth in every script that starts or submits to Ray; no
+    library code builds a shell command (no shell=True, os.system or os.popen)."""
+    import re
+
+    for script in sorted((REPO / "scripts").glob("*.sh")):
+        text = script.read_text()
+        if re.search(r"^\s*[^#\n]*\bray (start|job|status)\b", text, re.M):
+            assert re.search(r"RAY_AUTH_MODE=\$?\{?RAY_AUTH_MODE:-token\}?|RAY_AUTH_MODE=token", text), script.name
+    for root in PACKAGES:
+        for path in (REPO / root).rglob("*.py"):
+            text = path.read_text()
+            assert not re.search(r"shell\s*=\s*True|os\.system\(|os\.popen\(", text), path
