@@ -479,8 +479,9 @@ class Loop:
                 self.files.write_rollouts(step, rows)
             record = self._step_metrics(step, rows, update_stats, batch, t_step, t_sampled, t_scored, t_updated)
             breaches = self.guards.observe(step, record)
-            record.update(self.guards.step_metrics(breaches))
-            self.metrics.gauges("driver", self.guards.step_metrics(breaches))
+            guard_metrics = self.guards.step_metrics(breaches)
+            record.update(guard_metrics)
+            self.metrics.gauges("driver", guard_metrics)
             for breach in breaches:
                 print(f"[brainloop] WARNING {breach.message()}", flush=True)
             with self._writing("metrics.jsonl"):

@@ -116,10 +116,8 @@ def bootstrap_diff_ci(
     linear interpolation).
     """
     xa, xb = _finite_1d(a, "a"), _finite_1d(b, "b")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
     mean_a, mean_b = _bootstrap_means(xa, xb, n_boot, seed, strata_a, strata_b)
-    low, high = _percentile_interval(mean_b - mean_a, level)
+    low, high = _percentile_interval(mean_b - mean_a, level)  # checks level
     return DiffCI(float(xb.mean() - xa.mean()), low, high)
 
 
