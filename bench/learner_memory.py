@@ -155,7 +155,7 @@ def _batch(model_path: str, vocab: int, version: int, n_completions: int, n_toke
 
     from transformers import AutoTokenizer
 
-    from learner.learner import TrainGroup, TrainSample
+    from brainloop.types import TrainGroup, TrainSample
 
     tok = AutoTokenizer.from_pretrained(model_path)
     rng = random.Random(seed)

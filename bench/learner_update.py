@@ -53,7 +53,7 @@ def demo_groups(learner, version: int, off_policy: bool = False, seed: int = 0, 
     from brainloop.config import load_config
     from brainloop.models import resolve_model
     from brainloop.prompts import load_prompts, prompts_for_step, split
-    from learner.learner import TrainGroup, TrainSample
+    from brainloop.types import TrainGroup, TrainSample
 
     cfg = load_config(config)
     tok = AutoTokenizer.from_pretrained(resolve_model(cfg.policy.model))

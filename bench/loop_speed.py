@@ -72,6 +72,7 @@ from bench.common import (  # noqa: E402
 )
 from brainloop.config import Config, load_config, parse_override  # noqa: E402
 from brainloop.driver import Loop  # noqa: E402
+from brainloop.job import configure_logging  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "demo.yaml"
 NEVER = 10**6  # run.steps / checkpoint_every beyond any benchmark: the loop never finishes or checkpoints
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
                              "first phase), seconds per text, or 'none' to skip it")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args(argv)
+    configure_logging()  # the loops' progress lines, as in `ray job logs`
     rounds = args.rounds or (1 if args.quick else 2)
     per_block = args.steps_per_block or (2 if args.quick else 4)
     if per_block < 2:

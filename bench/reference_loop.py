@@ -13,7 +13,8 @@ brainloop's own parts so that ``bench/loop_speed.py`` can compare *designs*, not
   sequential design nothing else runs while a text is scored (the Loop's workers use one thread
   each, because two of them share the cores);
 - update: ``learner.learner.Learner`` (the plain class, in-process) on the group-normalised
-  advantages, exactly the update the Loop's learner actor runs.
+  advantages, exactly the update the Loop's learner actor runs, from rewards turned into advantages
+  and samples by the Loop's own rule (``brainloop.algo.build_groups``).
 
     python -m bench.reference_loop [--config configs/demo.yaml] [--steps 3] [--set section.key=value ...]
 
@@ -35,7 +36,9 @@ if str(ROOT) not in sys.path:  # `python bench/reference_loop.py` as well as `-m
     sys.path.insert(0, str(ROOT))
 
 from brainloop import algo  # noqa: E402  (path set above)
+from brainloop.analysis import nll_per_token  # noqa: E402
 from brainloop.config import Config  # noqa: E402
+from brainloop.types import Completion, SampleOutcome, ScoreResult  # noqa: E402
 
 
 def usable_cores() -> int:
@@ -104,7 +107,7 @@ class ReferenceLoop:
                                                   tokenize=False)
         return list(self.tokenizer(chat, add_special_tokens=False)["input_ids"])
 
-    def sample(self, prompts: list[str], temperature: float, seed: int) -> list[list[dict[str, Any]]]:
+    def sample(self, prompts: list[str], temperature: float, seed: int) -> list[list[Completion]]:
         """N completions per prompt from the current policy (transformers ``generate``)."""
         import torch
         from transformers import GenerationConfig
@@ -135,42 +138,31 @@ class ReferenceLoop:
                     tokens, lps, finish = cut_at_eos(new[k].tolist(), chosen[k].tolist(), self.eos_token_ids,
                                                      cfg.max_new_tokens)
                     text_ids = [t for t in tokens if t not in self.eos_token_ids]
-                    group.append({"prompt_ids": ids, "token_ids": tokens, "logprobs": lps, "finish": finish,
-                                  "text": self.tokenizer.decode(text_ids, skip_special_tokens=True)})
+                    group.append(Completion(i, k, self.tokenizer.decode(text_ids, skip_special_tokens=True), tokens,
+                                            lps, finish, self.learner.version, prompt_token_ids=ids))
                 groups.append(group)
         return groups
 
-    def score(self, groups: list[list[dict[str, Any]]]) -> list[list[float]]:
-        """Each text through the TRIBE pipeline, one after another; NaN where it does not count."""
-        unspeakable = self.cfg.reward.unspeakable_reward
-        rewards = []
-        for group in groups:
-            row = []
-            for c in group:
-                result = self.pipeline.score(c["text"])
-                if result.ok:
-                    row.append(float(result.reward))
-                elif result.status == "unspeakable" and unspeakable != "exclude":
-                    row.append(float(unspeakable))
-                else:
-                    row.append(float("nan"))
-            rewards.append(row)
-        return rewards
+    def score(self, groups: list[list[Completion]]) -> list[list[ScoreResult]]:
+        """Each text through the TRIBE pipeline, one after another."""
+        return [[self.pipeline.score(c.text) for c in group] for group in groups]
 
-    def update(self, groups: list[list[dict[str, Any]]], rewards: list[list[float]]) -> dict[str, Any]:
-        """Group advantages, then one ``Learner.update`` (all samples on-policy)."""
-        import numpy as np
+    def base_nll(self, groups: list[list[Completion]]) -> list[list[float]] | None:
+        """The base model's NLL per token of each completion (adapter disabled), for the naturalness
+        penalty; None when ``reward.naturalness_coef`` is 0 (the Loop's sampler measures it only then)."""
+        if self.cfg.reward.naturalness_coef <= 0:
+            return None
+        return [[nll_per_token(self.learner.completion_logprobs(c.prompt_token_ids, c.token_ids, False))
+                 for c in group] for group in groups]
 
-        from learner.learner import TrainGroup, TrainSample
-
-        train = []
-        for group, row in zip(groups, rewards, strict=True):
-            adv = algo.group_advantages(row)
-            samples = [TrainSample(c["prompt_ids"], c["token_ids"], c["logprobs"], float(a), self.learner.version)
-                       for c, a in zip(group, adv, strict=True) if np.isfinite(a) and c["token_ids"]]
-            if samples:
-                train.append(TrainGroup(samples))
-        return self.learner.update(train) if train else {"skipped": True}
+    def update(self, groups: list[list[Completion]], results: list[list[ScoreResult]]
+               ) -> tuple[dict[str, Any], list[list[SampleOutcome]]]:
+        """Rewards -> group advantages -> one ``Learner.update`` (all samples on-policy), by the Loop's rule
+        (``algo.build_groups``)."""
+        reward = self.cfg.reward
+        train, outcomes = algo.build_groups(groups, results, reward.unspeakable_reward, reward.naturalness_coef,
+                                            self.base_nll(groups))
+        return (self.learner.update(train) if train else {"skipped": True}), outcomes
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self, step: int) -> ReferenceStep:
@@ -185,14 +177,14 @@ class ReferenceLoop:
         t0 = time.perf_counter()
         groups = self.sample([p.text for p in prompts], temperature, cfg.run.seed * 1_000_003 + step)
         t1 = time.perf_counter()
-        rewards = self.score(groups)
+        results = self.score(groups)
         t2 = time.perf_counter()
-        self.update(groups, rewards)
+        _, outcomes = self.update(groups, results)
         t3 = time.perf_counter()
-        flat = np.array([r for row in rewards for r in row], dtype=np.float64)
-        tokens = [len(c["token_ids"]) for g in groups for c in g]
-        return ReferenceStep(step, t3 - t0, t1 - t0, t2 - t1, t3 - t2, len(tokens), int(np.isfinite(flat).sum()),
-                             float(np.mean(tokens)), float(np.nanmean(flat)) if np.isfinite(flat).any() else np.nan)
+        rewards = [o.reward for row in outcomes for o in row if o.reward is not None]
+        tokens = [len(c.token_ids) for g in groups for c in g]
+        return ReferenceStep(step, t3 - t0, t1 - t0, t2 - t1, t3 - t2, len(tokens), len(rewards),
+                             float(np.mean(tokens)), float(np.mean(rewards)) if rewards else np.nan)
 
 
 def run_reference_steps(cfg: Config, steps: int) -> list[float]:

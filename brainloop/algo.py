@@ -1,6 +1,7 @@
 """The reference algorithm's math, as pure functions.
 
-Per step, for each prompt a group of N completions is sampled and scored. Then
+Per step, for each prompt a group of N completions is sampled and scored. ``build_groups`` turns the
+scores into rewards (failed and excluded texts get none), advantages and the samples of the update. Then
 
     A_i   = (r_i - mean(r)) / std(r)                      population std, within the group
     CE_i  = mean over completion tokens of -log pi(y_t)    tokens up to and including EOS, never padding
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from brainloop.types import Completion, SampleOutcome, ScoreResult, TrainGroup, TrainSample
+
 
 def group_advantages(rewards: Sequence[float], eps: float = 1e-8) -> np.ndarray:
     """Normalise rewards within one group: (r - mean) / population std.
@@ -47,6 +50,60 @@ def group_advantages(rewards: Sequence[float], eps: float = 1e-8) -> np.ndarray:
     std = r[valid].std()  # population std (ddof=0), as the reference
     out[valid] = 0.0 if std < eps else (r[valid] - mean) / std
     return out
+
+
+def sample_reward(result: ScoreResult, unspeakable_reward: float | str) -> float:
+    """The reward a scored text counts with: its brain reward when "ok"; ``unspeakable_reward`` for an
+    unspeakable text unless it is "exclude"; NaN otherwise (failed, excluded), which leaves it out."""
+    if result.ok:
+        return float(result.reward) if result.reward is not None else math.nan
+    if result.status == "unspeakable" and unspeakable_reward != "exclude":
+        return float(unspeakable_reward)
+    return math.nan
+
+
+def build_groups(
+    completions: Sequence[Sequence[Completion]],
+    results: Sequence[Sequence[ScoreResult]],
+    unspeakable_reward: float | str = "exclude",
+    naturalness_coef: float = 0.0,
+    base_nll: Sequence[Sequence[float | None]] | None = None,
+) -> tuple[list[TrainGroup], list[list[SampleOutcome]]]:
+    """The reward -> advantage -> samples rule of one step, for the driver and the reference loop alike.
+
+    ``completions[p][i]`` is the i-th completion of prompt p and ``results[p][i]`` its score. Per group:
+
+    - each completion's reward is ``sample_reward`` (failed, excluded unspeakable and NaN rewards are
+      NaN: they get no advantage and do not enter the group's statistics);
+    - with ``naturalness_coef > 0`` the advantages see ``reward - coef * base_nll[p][i]`` (the base
+      model's NLL per token) for scored ("ok") texts; the recorded reward stays the brain reward;
+    - advantages are ``group_advantages`` of those (a group of equal rewards, or of fewer than two,
+      gets zeros);
+    - a completion is used in the update when its advantage is finite and it has at least one token.
+
+    Returns the TrainGroups (groups with no used completion are left out) and each completion's
+    ``SampleOutcome``, in the shape of ``completions``.
+    """
+    if naturalness_coef > 0 and base_nll is None:
+        raise ValueError("naturalness_coef > 0 needs the base model's NLL of every completion")
+    groups: list[TrainGroup] = []
+    outcomes: list[list[SampleOutcome]] = []
+    for p, (group, scored) in enumerate(zip(completions, results, strict=True)):
+        rewards = [sample_reward(r, unspeakable_reward) for r in scored]
+        penalties = [naturalness_coef * base_nll[p][i] if naturalness_coef > 0 and r.ok else 0.0  # type: ignore[index]
+                     for i, r in enumerate(scored)]
+        advantages = group_advantages([r - pen for r, pen in zip(rewards, penalties, strict=True)])
+        samples, row = [], []
+        for c, reward, adv in zip(group, rewards, advantages, strict=True):
+            used = bool(np.isfinite(adv)) and len(c.token_ids) > 0
+            if used:
+                samples.append(TrainSample(c.prompt_token_ids, c.token_ids, c.logprobs, float(adv), c.adapter_version))
+            row.append(SampleOutcome(reward if math.isfinite(reward) else None,
+                                     float(adv) if np.isfinite(adv) else None, used))
+        outcomes.append(row)
+        if samples:
+            groups.append(TrainGroup(samples))
+    return groups, outcomes
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:

@@ -25,6 +25,8 @@ class RunConfig(Section):
     seed: int = 0
     steps: int = Field(20, ge=1)
     checkpoint_every: int = Field(5, ge=1)
+    # Experiment trackers that get every step's metrics too (brainloop.trackers; the brainloop[trackers] extra).
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
 
 
 class LoraConfig(Section):
@@ -147,8 +149,34 @@ class PipelineConfig(Section):
     simulated_latency_s: float = Field(0.0, ge=0.0)
 
 
+class AutoscaleConfig(Section):
+    """The reward pool follows its queue (README "Scaling the reward pool while the job runs").
+
+    Queue per worker = texts waiting for a worker (in the pool's queue, or queued on an actor behind
+    the call it is running) / workers alive or starting. While it stays above
+    ``target_queue_per_worker`` for ``up_after_s`` the pool adds one worker (then waits another
+    ``up_after_s``); a worker idle for ``down_after_idle_s`` with nothing waiting is drained and
+    removed. The size stays within [min_workers, max_workers]; ``reward.num_workers`` is the size it
+    starts with."""
+
+    min_workers: int = Field(1, ge=1)
+    max_workers: int = Field(8, ge=1)
+    # 0: add workers while any text waits for one (until max_workers)
+    target_queue_per_worker: float = Field(1.0, ge=0.0)
+    up_after_s: float = Field(10.0, ge=0.0)
+    # Longer than a step: texts come in one burst per step, and a worker done early in a step's reward
+    # stage idles until the next step's texts; shorter, and the pool shrinks and grows again every step.
+    down_after_idle_s: float = Field(60.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscaleConfig:
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers {self.min_workers} is above max_workers {self.max_workers}")
+        return self
+
+
 class RewardConfig(Section):
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(2, ge=1)  # the pool's size; with autoscale, the size it starts with
     num_cpus_per_worker: float = Field(1.0, ge=0.0)
     gpus_per_worker: float = Field(0.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict)  # e.g. {"reward_node": 0.01} (ray_cluster.yaml)
@@ -169,6 +197,16 @@ class RewardConfig(Section):
     # overlapping the reward pool); 0 = off. See README "What the policy learned".
     naturalness_coef: float = Field(0.0, ge=0.0)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    # Absent: a fixed pool of num_workers (resizable by hand: `brainloop scale`).
+    autoscale: AutoscaleConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> RewardConfig:
+        a = self.autoscale
+        if a is not None and not a.min_workers <= self.num_workers <= a.max_workers:
+            raise ValueError(f"num_workers {self.num_workers} (the size the pool starts with) is outside "
+                             f"autoscale [min_workers, max_workers] = [{a.min_workers}, {a.max_workers}]")
+        return self
 
 
 class GuardsConfig(Section):

@@ -10,12 +10,19 @@ With ``algo.max_staleness = k >= 1`` the sampler generates step t+1 .. t+k while
 scored and learned from; each sample records the adapter version it came from and the learner
 corrects off-policy samples with truncated importance weights. ``k = 0`` is the synchronous
 reference algorithm.
+
+``Loop.step`` is one step of the algorithm, written once for both: sample -> score -> rewards to
+advantages (``algo.build_groups``) -> update -> push -> probe -> log -> checkpoint. When each part
+happens is the schedule's business: ``Schedule`` (k = 0) does everything at once, ``PipelinedSchedule``
+(k >= 1) keeps generations queued ahead, scores step t+1 during the update of step t and checks a push's
+probe during the next update.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -45,9 +52,13 @@ from brainloop.errors import (
 from brainloop.guards import GuardMonitor
 from brainloop.metrics import RunMetrics
 from brainloop.prompts import Prompt, load_prompts, prompts_for_step, split
-from brainloop.rois import ROI_NAMES, SUMMARY_NAMES
-from brainloop.rollout_log import RunFiles
-from brainloop.types import ScoreResult
+from brainloop.rois import ROI_NAMES
+from brainloop.rollout_log import RunFiles, rollout_row
+from brainloop.summary import distinct_n, summarize
+from brainloop.trackers import open_trackers, step_scalars
+from brainloop.types import Completion, ScoreResult, TrainGroup
+
+log = logging.getLogger(__name__)
 
 
 class AdapterProbeError(RunFailure):
@@ -69,7 +80,7 @@ class ScoringBatch:
     """One step's completions in the reward pool: results arrive keyed (step, prompt, sample)."""
 
     generation: PendingGeneration
-    completions: list
+    completions: list[list[Completion]]
     sampled_at: float
     results: dict[tuple[int, int], tuple[ScoreResult, float]] = field(default_factory=dict)
     # reward.naturalness_coef > 0: the sampler's base-model log-probs of each completion, (prompt, sample) -> ref
@@ -113,6 +124,90 @@ def check_probe(version: int, sampler_lp: list[float], learner_lp: list[float], 
             result.sampler_vs_base <= result.sampler_vs_learner:
         raise AdapterProbeError(f"adapter v{version}: the sampler matches the base model, not the adapter")
     return result
+
+
+class Schedule:
+    """When a step's work happens, synchronous (``algo.max_staleness = 0``, the reference algorithm): a
+    step's completions are sampled when the step asks for them, from the newest adapter, and each pushed
+    adapter is probed before the next sample. ``Loop.step`` calls these hooks; it has no branch on k."""
+
+    def __init__(self, loop: Loop, in_flight: deque[PendingGeneration]) -> None:
+        self.loop = loop
+        self.queue = in_flight  # generations already launched, oldest first (relaunched by a resume)
+
+    def sampled(self, step: int) -> ScoringBatch:
+        """Step ``step``'s completions, in the reward pool."""
+        return self.loop._start_scoring(self.queue.popleft() if self.queue else self.loop._launch_generation(step))
+
+    def while_updating(self, update_ref: ray.ObjectRef | None) -> None:
+        """Work to overlap with the learner's update (``None``: no update this step)."""
+
+    def probe(self, pending: tuple[int, ray.ObjectRef, ray.ObjectRef]) -> None:
+        self.loop._record_probe(self.loop._resolve_probe(pending))
+
+    def settle(self) -> None:
+        """Check what is still outstanding (a deferred probe) before a checkpoint or the end."""
+
+    def in_flight(self) -> list[PendingGeneration]:
+        """Generations of later steps already launched: a checkpoint records them for an exact resume."""
+        return list(self.queue)
+
+    def discard(self) -> None:
+        """The session ends before the launched steps: let texts in the reward pool finish, drop them."""
+        self.loop._discard_scoring()
+
+
+class PipelinedSchedule(Schedule):
+    """``algo.max_staleness = k >= 1``: up to k generations queued ahead in the sampler (which runs calls
+    in order, so each samples from the newest adapter pushed when it runs: at most k versions behind);
+    step t+1 scored while step t updates; each push's probe checked during the next update."""
+
+    def __init__(self, loop: Loop, in_flight: deque[PendingGeneration], k: int) -> None:
+        super().__init__(loop, in_flight)
+        self.k = k
+        self.next_gen = loop.state.step + len(in_flight)  # the next step to launch
+        self.ahead: ScoringBatch | None = None  # step t+1, already in the reward pool while step t updated
+        self.probe_pending: tuple[int, ray.ObjectRef, ray.ObjectRef] | None = None
+
+    def sampled(self, step: int) -> ScoringBatch:
+        total = self.loop.cfg.run.steps
+        while (self.next_gen < total and self.next_gen <= step + (self.k if self.queue or self.ahead else 0)
+               and len(self.queue) < self.k + 1):
+            self.queue.append(self.loop._launch_generation(self.next_gen))
+            self.next_gen += 1
+        batch, self.ahead = self.ahead, None
+        return batch if batch is not None else self.loop._start_scoring(self.queue.popleft())
+
+    def while_updating(self, update_ref: ray.ObjectRef | None) -> None:
+        self.settle()  # the last push's probe is checked while this update runs
+        if update_ref is not None:
+            self.ahead = self._score_ahead_until(update_ref)
+
+    def _score_ahead_until(self, update_ref: ray.ObjectRef) -> ScoringBatch | None:
+        """While the learner updates on step t, start scoring step t+1 as soon as it is sampled, so that
+        the reward of t+1 overlaps the update of t, not only the sampling. Returns when the update has
+        finished."""
+        ahead, queue = None, self.queue
+        while True:
+            watch = [update_ref] if ahead is not None or not queue else [update_ref, queue[0].ref]
+            ready, _ = ray.wait(watch, num_returns=1, timeout=0.05 if ahead is None else 0)
+            if ahead is None and queue and queue[0].ref in ready:
+                ahead = self.loop._start_scoring(queue.popleft())
+            if ahead is not None:
+                self.loop._absorb(0.05)
+            if ray.wait([update_ref], timeout=0)[0]:
+                return ahead
+
+    def probe(self, pending: tuple[int, ray.ObjectRef, ray.ObjectRef]) -> None:
+        self.probe_pending = pending
+
+    def settle(self) -> None:
+        if self.probe_pending is not None:
+            super().probe(self.probe_pending)
+            self.probe_pending = None
+
+    def in_flight(self) -> list[PendingGeneration]:
+        return [*([self.ahead.generation] if self.ahead else []), *self.queue]
 
 
 @dataclass
@@ -161,6 +256,7 @@ class Loop:
     def _start_actors(self) -> None:
         from actors.sampler import Sampler
         from learner.learner import Learner
+        from reward_workers.control import control_name, start_control
         from reward_workers.pool import RewardPool
         from reward_workers.worker import RewardWorker
 
@@ -168,7 +264,7 @@ class Loop:
         bundles = [_bundle(cfg.sampler.num_cpus, cfg.sampler.num_gpus, cfg.sampler.resources),
                    _bundle(cfg.learner.num_cpus, cfg.learner.num_gpus, cfg.learner.resources)]
         pg_name = f"{cfg.run.name}-policy"
-        release_stale_holders(pg_name, ["sampler", "learner",
+        release_stale_holders(pg_name, ["sampler", "learner", control_name(cfg.run.name),
                                         *(f"reward-worker-{i}" for i in range(cfg.reward.num_workers))])
         self.pg = placement_group(bundles, strategy="PACK", name=pg_name)
         try:
@@ -202,7 +298,11 @@ class Loop:
             ).remote(reward.pipeline.model_dump(), reward.spec.model_dump(mode="json"), f"reward-worker-{index}",
                      reward.cache, prediction_dir)
 
-        self.pool = RewardPool(make_worker, reward.num_workers, reward.timeout_s, reward.max_attempts)
+        # Live size: `brainloop scale` / `brainloop status` reach the pool through the control actor.
+        a = reward.autoscale
+        self.control = start_control(cfg.run.name, (a.min_workers, a.max_workers) if a else None)
+        self.pool = RewardPool(make_worker, reward.num_workers, reward.timeout_s, reward.max_attempts,
+                               autoscale=a, control=self.control, metrics=self.metrics)
         # Actors that cannot start (weights that fail to load, a missing model) end the run here with
         # their own error, before any step.
         for role, wait in (("reward workers", self.pool.ready),
@@ -306,8 +406,8 @@ class Loop:
             try:
                 return ray.get(pending.ref)
             except RayActorError as exc:
-                print(f"[brainloop] sampler died during step {pending.step} ({type(exc).__name__}); "
-                      "waiting for the restart and reloading the latest adapter", flush=True)
+                log.warning("sampler died during step %d (%s); waiting for the restart and reloading the latest "
+                            "adapter", pending.step, type(exc).__name__)
                 self._restore_sampler()
                 relaunched = self._launch_generation(pending.step)
                 pending.ref, pending.launched_at = relaunched.ref, relaunched.launched_at
@@ -345,21 +445,6 @@ class Loop:
                                    f"{sum(map(len, batch.completions)) - len(batch.results)} results")
             self._absorb(1.0)
         del self._scoring[batch.generation.step]
-
-    def _score_ahead_until(self, update_ref: ray.ObjectRef, queue: deque[PendingGeneration]) -> ScoringBatch | None:
-        """While the learner updates on step t, start scoring step t+1 as soon as it is sampled, so
-        that with ``max_staleness >= 1`` the reward of t+1 overlaps the update of t, not only the
-        sampling. Returns when the update has finished."""
-        ahead = None
-        while True:
-            watch = [update_ref] if ahead is not None or not queue else [update_ref, queue[0].ref]
-            ready, _ = ray.wait(watch, num_returns=1, timeout=0.05 if ahead is None else 0)
-            if ahead is None and queue and queue[0].ref in ready:
-                ahead = self._start_scoring(queue.popleft())
-            if ahead is not None:
-                self._absorb(0.05)
-            if ray.wait([update_ref], timeout=0)[0]:
-                return ahead
 
     def _discard_scoring(self) -> None:
         """Let texts scored ahead finish and drop them (the session ends before their step)."""
@@ -407,107 +492,115 @@ class Loop:
             relaunched.append(self._launch_generation(pending["step"], version=used))
         if version > self._newest_pushed():
             self._push_adapter(version, ray.put(adapter_files))
-        print(f"[brainloop] resumed from {ckpt.name}: next step {self.state.step}, adapter v{version}"
-              + (f", {len(relaunched)} generation(s) relaunched as they were" if relaunched else ""), flush=True)
+        log.info("resumed from %s: next step %d, adapter v%d%s", ckpt.name, self.state.step, version,
+                 f", {len(relaunched)} generation(s) relaunched as they were" if relaunched else "")
         return relaunched
 
     def run(self, stop_after: int | None = None) -> dict:
         """Run to the configured number of steps. ``stop_after`` ends the session after that many
         steps without finishing (as a crash would: only checkpoints survive), for resume tests."""
-        cfg = self.cfg
         self._start_actors()
         self._prepare_probe()
-        queue = self._restore()
-        total = cfg.run.steps
-        k = cfg.algo.max_staleness
         self._scoring: dict[int, ScoringBatch] = {}
-        ahead: ScoringBatch | None = None  # step t+1, already in the reward pool while step t updated
-        next_gen = self.state.step + len(queue)
-        probe_pending = None
-        t_start = time.time()
-        first_step = self.state.step
-        while self.state.step < total:
-            step = self.state.step
-            t_step = time.time()
-            # Keep up to k generations ahead in the sampler's queue: with k >= 1 step t+1 is sampled
-            # while step t is scored and learned. The sampler runs calls in order, so a generation
-            # launched now uses the newest adapter pushed so far: at most k versions behind.
-            while next_gen < total and next_gen <= step + (k if queue or ahead else 0) and len(queue) < k + 1:
-                queue.append(self._launch_generation(next_gen))
-                next_gen += 1
-            batch, ahead = (ahead, None) if ahead is not None else (self._start_scoring(queue.popleft()), None)
-            t_sampled = time.time()
-            self._finish_scoring(batch)
-            t_scored = time.time()
-            groups, rows = self._build_update(step, batch)
-            self._check_failure_budget(step, rows)
-            update_ref = self.learner.update.remote(groups) if groups else None
-            if probe_pending is not None:  # k >= 1: the last push's probe is checked while this update runs
-                self._record_probe(self._resolve_probe(probe_pending))
-                probe_pending = None
-            update_stats: dict = {"skipped": True}
-            if update_ref is not None:
-                if k > 0:
-                    ahead = self._score_ahead_until(update_ref, queue)
-                update_stats = ray.get(update_ref)
-                weights = iter(update_stats.pop("is_weights"))
-                learner_nll = iter(update_stats.pop("base_nll", []))
-                nll_gaps = []
-                for row in rows:
-                    row["is_weight"] = next(weights) if row["used_in_update"] else None
-                    nll = next(learner_nll, None) if row["used_in_update"] else None
-                    if nll is None:
-                        continue
-                    if math.isfinite(row["base_nll_per_token"]):  # the sampler's, for the naturalness penalty
-                        nll_gaps.append(abs(row["base_nll_per_token"] - nll))
-                    else:
-                        row["base_nll_per_token"] = nll
-                if nll_gaps:  # two engines, one base model: they must agree
-                    update_stats["base_nll_check_max_abs"] = max(nll_gaps)
-                self.state.version = update_stats["version"]
-                adapter_ref = self.learner.export_adapter.remote()
-                self._push_adapter(self.state.version, adapter_ref)
-                probe_pending = self._probe_refs(self.state.version)
-                if k == 0:  # synchronous: prove the adapter before the next sample
-                    self._record_probe(self._resolve_probe(probe_pending))
-                    probe_pending = None
-            t_updated = time.time()
-            for row in rows:
-                row["learner_version"] = self.state.version - (0 if update_stats.get("skipped") else 1)
-                row["updated_at"] = t_updated
-            with self._writing(f"the rollouts of step {step}"):
-                self.files.write_rollouts(step, rows)
-            record = self._step_metrics(step, rows, update_stats, batch, t_step, t_sampled, t_scored, t_updated)
-            breaches = self.guards.observe(step, record)
-            guard_metrics = self.guards.step_metrics(breaches)
-            record.update(guard_metrics)
-            self.metrics.gauges("driver", guard_metrics)
-            for breach in breaches:
-                print(f"[brainloop] WARNING {breach.message()}", flush=True)
-            with self._writing("metrics.jsonl"):
-                self.files.append_metrics(record)
-            self.state.step = step + 1
-            if breaches and cfg.guards.action == "stop":
-                self._checkpoint(step, [*([ahead.generation] if ahead else []), *queue])
-                self._discard_scoring()
-                raise GuardStop("guards.action is 'stop': " + "; ".join(b.message() for b in breaches)
-                                + f". Checkpoint of step {step} written; the run can be inspected or resumed")
-            done = self.state.step - first_step
-            eta = (time.time() - t_start) / done * (total - self.state.step)
-            print(f"[brainloop] step {step + 1}/{total} reward {record['reward_mean']:.5f} "
-                  f"(max {record['reward_max']:.5f}) kl/tok {record.get('kl_per_token', float('nan')):.4f} "
-                  f"len {record['mean_tokens']:.1f} {record['step_seconds']:.1f}s/step ETA {eta:.0f}s", flush=True)
-            if self.state.step % cfg.run.checkpoint_every == 0 or self.state.step == total:
-                if probe_pending is not None:
-                    self._record_probe(self._resolve_probe(probe_pending))
-                    probe_pending = None
-                self._checkpoint(step, [*([ahead.generation] if ahead else []), *queue])
-            if stop_after is not None and self.state.step - first_step >= stop_after:
-                self._discard_scoring()
-                return {"stopped_at_step": self.state.step}
-        if probe_pending is not None:
-            self._record_probe(self._resolve_probe(probe_pending))
-        return self._finish(t_start)
+        in_flight = self._restore()
+        schedule = (PipelinedSchedule(self, in_flight, self.cfg.algo.max_staleness) if self.cfg.algo.max_staleness
+                    else Schedule(self, in_flight))
+        self._started_at, self._first_step = time.time(), self.state.step
+        self.trackers = open_trackers(self.cfg.run.report_to, self.files.root, self.cfg.run.name,
+                                      self.cfg.model_dump(mode="json"), first_step=self.state.step)
+        try:
+            while self.state.step < self.cfg.run.steps:
+                self.step(self.state.step, schedule)
+                if stop_after is not None and self.state.step - self._first_step >= stop_after:
+                    schedule.discard()
+                    return {"stopped_at_step": self.state.step}
+            schedule.settle()
+            return self._finish(self._started_at)
+        finally:
+            for tracker in self.trackers:
+                tracker.close()
+
+    def step(self, step: int, schedule: Schedule) -> None:
+        """One step of the reference algorithm, top to bottom. ``schedule`` decides only when the work is
+        done: at once (``Schedule``, max_staleness 0), or pipelined (``PipelinedSchedule``: the step was
+        sampled, maybe scored, ahead; the probe is checked during the next update)."""
+        t_step = time.time()
+        batch = schedule.sampled(step)  # sample: completions of this step, handed to the reward pool
+        t_sampled = time.time()
+        self._finish_scoring(batch)  # score: wait for every reward
+        t_scored = time.time()
+        groups, rows = self._build_update(step, batch)  # rewards -> advantages -> samples (algo.build_groups)
+        self._check_failure_budget(step, rows)
+        update_ref = self.learner.update.remote(groups) if groups else None  # update
+        schedule.while_updating(update_ref)  # pipelined: check the last probe, score the next step meanwhile
+        update_stats = self._collect_update(update_ref, rows)
+        if update_ref is not None:
+            self.state.version = update_stats["version"]
+            self._push_adapter(self.state.version, self.learner.export_adapter.remote())  # push
+            schedule.probe(self._probe_refs(self.state.version))  # probe: the sampler serves this adapter
+        t_updated = time.time()
+        record, breaches = self._log_step(step, rows, update_stats, batch, t_step, t_sampled, t_scored, t_updated)
+        self.state.step = step + 1
+        if breaches and self.cfg.guards.action == "stop":
+            self._checkpoint(step, schedule.in_flight())
+            schedule.discard()
+            raise GuardStop("guards.action is 'stop': " + "; ".join(b.message() for b in breaches)
+                            + f". Checkpoint of step {step} written; the run can be inspected or resumed")
+        self._log_progress(step, record)
+        if self.state.step % self.cfg.run.checkpoint_every == 0 or self.state.step == self.cfg.run.steps:
+            schedule.settle()
+            self._checkpoint(step, schedule.in_flight())  # checkpoint
+
+    def _collect_update(self, update_ref: ray.ObjectRef | None, rows: list[dict]) -> dict:
+        """The learner's update statistics ({"skipped": True} without one); each used row gets its mean
+        importance weight and, unless the sampler measured it already, its base-model NLL per token."""
+        if update_ref is None:
+            return {"skipped": True}
+        update_stats = ray.get(update_ref)
+        weights = iter(update_stats.pop("is_weights"))
+        learner_nll = iter(update_stats.pop("base_nll", []))
+        nll_gaps = []
+        for row in rows:
+            row["is_weight"] = next(weights) if row["used_in_update"] else None
+            nll = next(learner_nll, None) if row["used_in_update"] else None
+            if nll is None:
+                continue
+            if math.isfinite(row["base_nll_per_token"]):  # the sampler's, for the naturalness penalty
+                nll_gaps.append(abs(row["base_nll_per_token"] - nll))
+            else:
+                row["base_nll_per_token"] = nll
+        if nll_gaps:  # two engines, one base model: they must agree
+            update_stats["base_nll_check_max_abs"] = max(nll_gaps)
+        return update_stats
+
+    def _log_step(self, step: int, rows: list[dict], update_stats: dict, batch: ScoringBatch, t_step: float,
+                  t_sampled: float, t_scored: float, t_updated: float) -> tuple[dict, list]:
+        """Write the step's rollouts and metrics record, with the guards' verdict on it."""
+        for row in rows:
+            row["learner_version"] = self.state.version - (0 if update_stats.get("skipped") else 1)
+            row["updated_at"] = t_updated
+        with self._writing(f"the rollouts of step {step}"):
+            self.files.write_rollouts(step, rows)
+        record = self._step_metrics(step, rows, update_stats, batch, t_step, t_sampled, t_scored, t_updated)
+        breaches = self.guards.observe(step, record)
+        guard_metrics = self.guards.step_metrics(breaches)
+        record.update(guard_metrics)
+        self.metrics.gauges("driver", guard_metrics)
+        for breach in breaches:
+            log.warning("%s", breach.message())
+        with self._writing("metrics.jsonl"):
+            self.files.append_metrics(record)
+        for tracker in self.trackers:  # run.report_to: the same numbers
+            tracker.log(step, step_scalars(record))
+        return record, breaches
+
+    def _log_progress(self, step: int, record: dict) -> None:
+        total = self.cfg.run.steps
+        eta = (time.time() - self._started_at) / (self.state.step - self._first_step) * (total - self.state.step)
+        log.info("step %d/%d reward %.5f (max %.5f) kl/tok %.4f len %.1f %.1fs/step ETA %.0fs", step + 1, total,
+                 record["reward_mean"], record["reward_max"], record.get("kl_per_token", float("nan")),
+                 record["mean_tokens"], record["step_seconds"], eta)
+        self.pool.report_progress(step=self.state.step, steps=total, eta_s=eta, step_seconds=record["step_seconds"])
 
     def _base_nll(self, batch: ScoringBatch) -> tuple[dict[tuple[int, int], float], float]:
         """The sampler's base-model NLL per token of each completion (naturalness penalty), and the
@@ -525,66 +618,26 @@ class Loop:
                                                           by_key[k].token_ids, 0) for k in keys])
         return {k: analysis.nll_per_token(lp) for k, lp in zip(keys, logprobs, strict=True)}, time.time() - t0
 
-    def _build_update(self, step: int, batch: ScoringBatch):
-        from learner.learner import TrainGroup, TrainSample
-
+    def _build_update(self, step: int, batch: ScoringBatch) -> tuple[list[TrainGroup], list[dict]]:
+        """The step's update (``algo.build_groups``: rewards -> advantages -> samples) and its rollout rows."""
         cfg = self.cfg
-        pending, completions, results = batch.generation, batch.completions, batch.results
-        sampled_at = batch.sampled_at
         base_nll, batch.naturalness_wait_s = self._base_nll(batch)
-        coef = cfg.reward.naturalness_coef
-        groups, rows = [], []
-        for pi, group in enumerate(completions):
-            rewards = []
-            for c in group:
-                result, _ = results[(pi, c.sample_index)]
-                if result.ok:
-                    rewards.append(result.reward)
-                elif result.status == "unspeakable" and cfg.reward.unspeakable_reward != "exclude":
-                    rewards.append(float(cfg.reward.unspeakable_reward))
-                else:
-                    rewards.append(float("nan"))
-            # reward.naturalness_coef: the advantages see the brain reward minus coef x the base model's NLL
-            # per token; the rollouts keep the brain reward itself (and the NLL) in their own columns.
-            penalties = [coef * base_nll[(pi, c.sample_index)] if coef > 0 and results[(pi, c.sample_index)][0].ok
-                         else 0.0 for c in group]
-            advantages = algo.group_advantages([r - p for r, p in zip(rewards, penalties, strict=True)])
-            samples = []
-            for c, reward, adv in zip(group, rewards, advantages, strict=True):
-                result, scored_at = results[(pi, c.sample_index)]
-                self.state.samples_scored += 1
-                self.state.samples_failed += int(result.status == "failed")
-                used = bool(np.isfinite(adv)) and len(c.token_ids) > 0
-                if used:
-                    samples.append(TrainSample(c.prompt_token_ids, c.token_ids, c.logprobs, float(adv),
-                                               c.adapter_version))
-                row = {
-                    "step": step, "prompt_index": pi, "sample_index": c.sample_index,
-                    "prompt_id": pending.prompts[pi].id, "prompt": pending.prompts[pi].text, "completion": c.text,
-                    "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
-                    "adapter_version": c.adapter_version, "temperature": pending.temperature,
-                    "status": result.status, "error": result.error,
-                    "reward": reward if np.isfinite(reward) else None,
-                    "advantage": float(adv) if np.isfinite(adv) else None, "used_in_update": used,
-                    "n_words": result.n_words, "n_trs": result.n_trs, "audio_seconds": result.audio_seconds,
-                    "reward_worker": result.worker, "reward_attempts": result.attempts,
-                    "cache_hit": result.cache_hit, "encoder_trained": result.encoder_trained,
-                    "timings_json": json.dumps(result.timings), "sample_started_at": c.started_at,
-                    "sample_finished_at": c.finished_at, "submitted_at": sampled_at, "scored_at": scored_at,
-                    "official_release": result.official_release, "splitter": result.splitter,
-                    "n_words_kept": result.n_words_kept,
-                }
-                for name in (*ROI_NAMES, *SUMMARY_NAMES):
-                    row[f"roi_{name}"] = result.roi.get(name)
-                # What the sample is beyond its reward (brainloop.analysis); the base NLL comes from the
-                # sampler when the naturalness penalty needs it now, else from the learner's update.
-                row.update(analysis.sample_measures(
-                    c.text, result.roi, scored=result.ok, n_words=result.n_words, audio_seconds=result.audio_seconds,
-                    removed_fraction=result.removed_token_fraction, targets=self.targets,
-                    controls=cfg.guards.control_regions, base_nll=base_nll.get((pi, c.sample_index))))
-                rows.append(row)
-            if samples:
-                groups.append(TrainGroup(samples))
+        keys = [[(pi, c.sample_index) for c in group] for pi, group in enumerate(batch.completions)]
+        groups, outcomes = algo.build_groups(
+            batch.completions, [[batch.results[k][0] for k in row] for row in keys], cfg.reward.unspeakable_reward,
+            cfg.reward.naturalness_coef, [[base_nll.get(k) for k in row] for row in keys])
+        rows = []
+        for pi, group in enumerate(batch.completions):
+            for c, key, outcome in zip(group, keys[pi], outcomes[pi], strict=True):
+                result, scored_at = batch.results[key]
+                # The base NLL comes from the sampler when the naturalness penalty needs it now, else from
+                # the learner's update (filled in after it).
+                rows.append(rollout_row(step, pi, batch.generation.prompts[pi], c, result, outcome,
+                                        temperature=batch.generation.temperature, submitted_at=batch.sampled_at,
+                                        scored_at=scored_at, targets=self.targets,
+                                        controls=cfg.guards.control_regions, base_nll=base_nll.get(key)))
+        self.state.samples_scored += len(rows)
+        self.state.samples_failed += sum(row["status"] == "failed" for row in rows)
         return groups, rows
 
     def _check_failure_budget(self, step: int, rows: list[dict]) -> None:
@@ -675,7 +728,7 @@ class Loop:
         with self._writing(f"the checkpoint of step {step}"):
             path = save_checkpoint(self.files.checkpoints, step, learner_state, adapter_files, driver_state,
                                    older_adapters=older, config=config)
-        print(f"[brainloop] checkpoint {path}", flush=True)
+        log.info("checkpoint %s", path)
 
     def _finish(self, t_start: float) -> dict:
         adapter_files = self._pushed_or_exported()
@@ -703,6 +756,12 @@ class Loop:
         if getattr(self, "pool", None) is not None:
             names += [f"reward-worker-{i}" for i in self.pool.workers]
             self.pool.close()
+        if getattr(self, "control", None) is not None:
+            from reward_workers.control import control_name
+
+            names.append(control_name(self.cfg.run.name))
+            ray.kill(self.control)
+            self.control = None
         if self.pg is not None:
             remove_placement_group(self.pg)
             self.pg = None
@@ -753,7 +812,7 @@ def release_stale_holders(pg_name: str, actor_names: list[str], timeout_s: float
                 continue
             if job in dead_jobs:
                 if pg.placement_group_id.hex() not in removed:
-                    print(f"[brainloop] removing placement group {pg_name} left by dead job {job}", flush=True)
+                    log.info("removing placement group %s left by dead job %s", pg_name, job)
                     remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
                     removed.add(pg.placement_group_id.hex())
                 releasing += 1
@@ -769,7 +828,7 @@ def release_stale_holders(pg_name: str, actor_names: list[str], timeout_s: float
                 continue
             if job in dead_jobs:
                 if actor.actor_id.hex() not in removed:
-                    print(f"[brainloop] killing actor {actor.name} left by dead job {job}", flush=True)
+                    log.info("killing actor %s left by dead job %s", actor.name, job)
                     try:
                         ray.kill(ray.get_actor(actor.name), no_restart=True)
                     except ValueError:  # gone meanwhile
@@ -782,8 +841,8 @@ def release_stale_holders(pg_name: str, actor_names: list[str], timeout_s: float
             return
         if live and not announced:
             announced = True
-            print(f"[brainloop] waiting for {', '.join(f'{what} (job {job})' for what, job in live)} to be "
-                  f"released (its driver may have just died); up to {timeout_s:.0f} s", flush=True)
+            log.info("waiting for %s to be released (its driver may have just died); up to %.0f s",
+                     ", ".join(f"{what} (job {job})" for what, job in live), timeout_s)
         if time.monotonic() > deadline:
             held = ", ".join(f"{what} (job {job})" for what, job in live) or "names being released"
             raise RunFailure(f"run names are still held after {timeout_s:.0f} s: {held}; is this run already "
@@ -798,38 +857,3 @@ def _bundle(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, 
 
 PASS_THROUGH_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NILEARN_DATA", "BRAINLOOP_CACHE", "HF_HOME",
                     "VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND")
-
-
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct n-grams over all n-grams of a set of texts (a diversity measure)."""
-    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def summarize(steps: list[dict], window: int = 15) -> dict:
-    """First/last window means of the reward with standard errors, KL, length, speed."""
-    if not steps:
-        return {}
-    rewards = [s["reward_mean"] for s in steps]
-    w = min(window, max(1, len(steps) // 2))
-    first, last = np.array(rewards[:w]), np.array(rewards[-w:])
-
-    def se(x: np.ndarray) -> float:
-        return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-
-    diff_se = math.sqrt(se(first) ** 2 + se(last) ** 2) if len(first) > 1 else float("nan")
-    return {
-        "steps": len(steps), "window": w,
-        "reward_first": float(first.mean()), "reward_first_se": se(first),
-        "reward_last": float(last.mean()), "reward_last_se": se(last),
-        "reward_gain": float(last.mean() - first.mean()), "reward_gain_se": diff_se,
-        "reward_gain_z": float((last.mean() - first.mean()) / diff_se) if diff_se and diff_se > 0 else float("nan"),
-        "best_reward": float(max(s.get("best_reward", -math.inf) for s in steps)),
-        "kl_per_token_last": float(steps[-1].get("kl_per_token", float("nan"))),
-        "kl_per_sequence_last": float(steps[-1].get("kl_per_sequence", float("nan"))),
-        "mean_tokens_first": float(np.mean([s["mean_tokens"] for s in steps[:w]])),
-        "mean_tokens_last": float(np.mean([s["mean_tokens"] for s in steps[-w:]])),
-        "distinct_2_first": float(np.mean([s["distinct_2"] for s in steps[:w]])),
-        "distinct_2_last": float(np.mean([s["distinct_2"] for s in steps[-w:]])),
-        "seconds_per_step": float(np.median([s["step_seconds"] for s in steps])),
-    }

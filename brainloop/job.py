@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import re
 import sys
@@ -22,6 +23,9 @@ from pathlib import Path
 
 from brainloop.config import Config, ConfigError, load_config, merge_overrides, parse_override
 from brainloop.prompts import Prompt, PromptFileError, load_prompts, split
+
+# Named, not __name__: `python -m brainloop.job` runs this module as __main__, outside the configured loggers.
+log = logging.getLogger("brainloop.job")
 
 # The config keys a resumed run must share with its checkpoint: everything that decides what is
 # sampled, how it is scored and how the adapter is updated. Placement (CPUs, GPUs, resources, threads),
@@ -68,6 +72,50 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override a config value, e.g. --set run.steps=60 (repeatable)")
     parser.add_argument("--validate-only", action="store_true", help="check the config and prompts, then exit")
     return parser
+
+
+# ---- logging ---------------------------------------------------------------------------------------------
+# Library code logs through `logging`, one logger per module; the entrypoint decides how it looks. Progress
+# lines keep the form `ray job logs` has always shown: "[brainloop] step 3/20 reward ...", with the level
+# named only above INFO ("[brainloop] WARNING guard ...").
+LOGGED_PACKAGES = ("brainloop", "actors", "learner", "reward_workers")
+
+
+class ProgressFormatter(logging.Formatter):
+    """``[brainloop] message``, ``[brainloop] WARNING message`` above INFO (tracebacks appended as usual)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno <= logging.INFO else f"{record.levelname} "
+        return f"[brainloop] {level}{record.message}"
+
+
+class StdoutHandler(logging.StreamHandler):
+    """Writes to ``sys.stdout`` as it is when a record is logged (Ray's job runner and pytest replace it),
+    as the progress prints did, so the lines interleave with the job's own output."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    """Route the packages' loggers to stdout in the progress format; idempotent (``main`` may run again in
+    one process). Records still propagate, so a host application's own handlers see them too."""
+    for name in LOGGED_PACKAGES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, StdoutHandler) for h in logger.handlers):
+            handler = StdoutHandler()
+            handler.setFormatter(ProgressFormatter())
+            logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(level)
 
 
 # ---- checks before Ray ----------------------------------------------------------------------------------
@@ -172,7 +220,7 @@ def check_run_dir(cfg: Config, run_dir: Path, args: argparse.Namespace) -> bool:
             raise UsageError(f"--resume: {run_dir} has no complete checkpoint to continue from"
                              + (" (its rollouts would be lost)" if has_rows else "")
                              + "; pass --resume-or-start to start the run over")
-        print(f"[brainloop] {run_dir}: no complete checkpoint; starting the run over", flush=True)
+        log.info("%s: no complete checkpoint; starting the run over", run_dir)
         return False
     saved = checkpoint_config(ckpt)
     if saved is None and (run_dir / "config.yaml").is_file():  # checkpoints from before configs were kept
@@ -192,7 +240,7 @@ def check_run_dir(cfg: Config, run_dir: Path, args: argparse.Namespace) -> bool:
                   "changed": {k: {"checkpoint": a, "now": b} for k, (a, b) in diff.items()}}
         with open(run_dir / "config_changes.jsonl", "a") as handle:
             handle.write(json.dumps(record, default=str) + "\n")
-        print(f"[brainloop] --force-config: resuming {ckpt.name} with changed {listing}", flush=True)
+        log.info("--force-config: resuming %s with changed %s", ckpt.name, listing)
     return True
 
 
@@ -249,6 +297,7 @@ def connect_ray(cfg: Config) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()
     try:
         cfg, prompts = load_checked_config(args.config, args.set)
         note = check_prompt_lengths(cfg, prompts)
@@ -274,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     loop = None
     try:
         where = connect_ray(cfg)
-        print(f"[brainloop] connected to {where}; run folder {run_dir}" + (" (resuming)" if resume else ""), flush=True)
+        log.info("connected to %s; run folder %s%s", where, run_dir, " (resuming)" if resume else "")
         loop = Loop(cfg, run_dir, resume=resume)
         summary = loop.run()
     except (RunError, RunFailure) as exc:

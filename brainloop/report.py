@@ -35,7 +35,7 @@ from brainloop.rois import ROI_NAMES, SUMMARY_NAMES
 
 COLORS = {"base": "#6c757d", "trained": "#d9480f"}
 TARGET_COLOR = "#1c7ed6"
-TRAINING_WINDOW = 15  # steps in the first/last windows (at most half the run), as in driver.summarize
+TRAINING_WINDOW = 15  # steps in the first/last windows (at most half the run), as in summary.summarize
 
 
 # ---------------------------------------------------------------------------- loading

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from brainloop import analysis
 from brainloop.analysis import ANALYSIS_COLUMNS
+from brainloop.prompts import Prompt
 from brainloop.rois import ROI_NAMES, SUMMARY_NAMES
+from brainloop.types import Completion, SampleOutcome, ScoreResult
 
 ROI_COLUMNS = [f"roi_{name}" for name in (*ROI_NAMES, *SUMMARY_NAMES)]
 
@@ -61,6 +65,40 @@ ROLLOUT_SCHEMA = pa.schema(
         *[(col, pa.float64()) for col in ANALYSIS_COLUMNS],
     ]
 )
+
+
+def rollout_row(step: int, prompt_index: int, prompt: Prompt, completion: Completion, result: ScoreResult,
+                outcome: SampleOutcome, *, temperature: float, submitted_at: float, scored_at: float,
+                targets: Sequence[str], controls: Sequence[str], base_nll: float | None) -> dict:
+    """One completion's row of ``ROLLOUT_SCHEMA``, as far as it is known before the update.
+
+    ``outcome`` is what ``algo.build_groups`` made of it; ``base_nll`` the base model's NLL per token
+    when the sampler measured it (naturalness penalty), else the learner's update fills it in later, as
+    it does ``learner_version``, ``updated_at`` and ``is_weight``.
+    """
+    c = completion
+    row = {
+        "step": step, "prompt_index": prompt_index, "sample_index": c.sample_index,
+        "prompt_id": prompt.id, "prompt": prompt.text, "completion": c.text,
+        "num_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+        "adapter_version": c.adapter_version, "temperature": temperature,
+        "status": result.status, "error": result.error,
+        "reward": outcome.reward, "advantage": outcome.advantage, "used_in_update": outcome.used,
+        "n_words": result.n_words, "n_trs": result.n_trs, "audio_seconds": result.audio_seconds,
+        "reward_worker": result.worker, "reward_attempts": result.attempts,
+        "cache_hit": result.cache_hit, "encoder_trained": result.encoder_trained,
+        "timings_json": json.dumps(result.timings), "sample_started_at": c.started_at,
+        "sample_finished_at": c.finished_at, "submitted_at": submitted_at, "scored_at": scored_at,
+        "official_release": result.official_release, "splitter": result.splitter,
+        "n_words_kept": result.n_words_kept,
+    }
+    for name in (*ROI_NAMES, *SUMMARY_NAMES):
+        row[f"roi_{name}"] = result.roi.get(name)
+    # What the sample is beyond its reward (brainloop.analysis).
+    row.update(analysis.sample_measures(
+        c.text, result.roi, scored=result.ok, n_words=result.n_words, audio_seconds=result.audio_seconds,
+        removed_fraction=result.removed_token_fraction, targets=targets, controls=controls, base_nll=base_nll))
+    return row
 
 
 class RunFiles:

@@ -1,7 +1,10 @@
-"""Plain data records that cross actor boundaries.
+"""All the records shared between layers, in one place.
 
-Everything here is a dataclass of builtins and numpy arrays so it pickles cheaply through
-Ray's object store and imports no model library.
+Speech and scoring (``WordEvent``, ``Speech``, ``ScoreResult``: reward workers -> driver), sampling
+(``Completion``: sampler -> driver), the update (``TrainSample``, ``TrainGroup``: driver -> learner) and
+the reward -> advantage rule's per-sample outcome (``SampleOutcome``: ``algo.build_groups`` -> rollout
+log). Everything here is a dataclass of builtins and numpy arrays so it pickles cheaply through Ray's
+object store and imports no model library.
 """
 
 from __future__ import annotations
@@ -70,3 +73,51 @@ class ScoreResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+
+@dataclass
+class Completion:
+    """One sampled completion, as the rest of the pipeline sees it."""
+
+    prompt_index: int
+    sample_index: int
+    text: str  # decoded without special tokens (no EOS)
+    token_ids: list[int]  # sampled ids, cut after the first EOS (which is kept when finish is "stop")
+    logprobs: list[float]  # sampler log-prob of each token in token_ids (temperature-1, raw logits)
+    finish_reason: str  # "stop" (EOS) | "length" (max_new_tokens reached)
+    adapter_version: int  # 0 = base model
+    prompt_token_ids: list[int] = field(default_factory=list)  # the chat-formatted prompt the learner conditions on
+    started_at: float = 0.0  # unix time the generate call started / finished in the sampler
+    finished_at: float = 0.0
+
+
+@dataclass
+class TrainSample:
+    """One completion to learn from (token ids as the sampler produced them)."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]  # up to and including EOS when the completion stopped; never padding
+    sampler_logprobs: list[float]
+    advantage: float
+    adapter_version: int
+
+
+@dataclass
+class TrainGroup:
+    """The N completions of one prompt; advantages were normalised within it."""
+
+    samples: list[TrainSample]
+
+
+@dataclass(frozen=True)
+class SampleOutcome:
+    """What the reward -> advantage rule (``algo.build_groups``) made of one completion.
+
+    ``reward`` is the reward recorded for it (the brain reward, or ``reward.unspeakable_reward`` for an
+    unspeakable text when one is given), None when it has none (failed, excluded, non-finite);
+    ``advantage`` its group advantage, None when it has none; ``used`` whether it is in the update.
+    """
+
+    reward: float | None
+    advantage: float | None
+    used: bool

@@ -18,33 +18,15 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from brainloop import algo
 from brainloop.models import resolve_model
+from brainloop.types import TrainGroup, TrainSample
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainSample:
-    """One completion to learn from (token ids as the sampler produced them)."""
-
-    prompt_ids: list[int]
-    completion_ids: list[int]  # up to and including EOS when the completion stopped; never padding
-    sampler_logprobs: list[float]
-    advantage: float
-    adapter_version: int
-
-
-@dataclass
-class TrainGroup:
-    """The N completions of one prompt; advantages were normalised within it."""
-
-    samples: list[TrainSample]
 
 
 def torch_dtype(name: str) -> torch.dtype:

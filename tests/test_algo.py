@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from brainloop import algo
+from brainloop.types import Completion, SampleOutcome, ScoreResult
 
 
 def test_group_advantages_population_std():
@@ -194,3 +195,73 @@ def test_policy_head_loss_in_chunks_equals_policy_loss_on_whole_logits():
         torch.testing.assert_close(hidden.grad, want[0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(weight.grad, want[1], rtol=1e-10, atol=1e-12)
         assert hidden.grad[~keep].abs().max() == 0  # padding positions never reach the vocabulary
+
+
+# ---- the reward -> advantage -> samples rule (algo.build_groups) ----------------------------------------
+def _completion(p: int, i: int, n_tokens: int = 2, version: int = 3) -> Completion:
+    return Completion(p, i, f"text {p}.{i}", list(range(10, 10 + n_tokens)), [-1.0] * n_tokens, "stop", version,
+                      prompt_token_ids=[1, 2])
+
+
+def _ok(reward: float) -> ScoreResult:
+    return ScoreResult("ok", reward=reward)
+
+
+UNSPEAKABLE = ScoreResult("unspeakable", error="nothing to speak")
+FAILED = ScoreResult("failed", error="timeout")
+
+
+def test_build_groups_failed_and_excluded_unspeakable_get_no_advantage():
+    # Rewards [1, failed, 3, unspeakable-excluded]: only 1 and 3 count, mean 2, population std 1 -> -1, +1.
+    completions = [[_completion(0, i) for i in range(4)]]
+    groups, outcomes = algo.build_groups(completions, [[_ok(1.0), FAILED, _ok(3.0), UNSPEAKABLE]], "exclude")
+    assert outcomes == [[SampleOutcome(1.0, -1.0, True), SampleOutcome(None, None, False),
+                         SampleOutcome(3.0, 1.0, True), SampleOutcome(None, None, False)]]
+    [group] = groups
+    assert [s.advantage for s in group.samples] == [-1.0, 1.0]
+    first = group.samples[0]
+    assert (first.prompt_ids, first.completion_ids, first.sampler_logprobs, first.adapter_version) == \
+        ([1, 2], [10, 11], [-1.0, -1.0], 3)
+
+
+def test_build_groups_unspeakable_given_a_reward_enters_the_statistics():
+    # unspeakable_reward = 0: rewards [2, 0] -> mean 1, std 1 -> +1, -1; the recorded reward is 0.0.
+    completions = [[_completion(0, 0), _completion(0, 1)]]
+    groups, outcomes = algo.build_groups(completions, [[_ok(2.0), UNSPEAKABLE]], 0.0)
+    assert outcomes == [[SampleOutcome(2.0, 1.0, True), SampleOutcome(0.0, -1.0, True)]]
+    assert [s.advantage for s in groups[0].samples] == [1.0, -1.0]
+
+
+def test_build_groups_nan_reward_equal_rewards_and_empty_completions():
+    completions = [[_completion(0, i) for i in range(3)],
+                   [_completion(1, 0), _completion(1, 1, n_tokens=0), _completion(1, 2)],
+                   [_completion(2, 0), _completion(2, 1)]]
+    results = [[_ok(float("nan")), _ok(5.0), _ok(5.0)],  # a NaN reward is left out; the rest are equal -> 0
+               [_ok(1.0), _ok(2.0), _ok(3.0)],  # the empty completion counts in the statistics, not the update
+               [FAILED, FAILED]]  # no reward at all: no advantage, no group
+    groups, outcomes = algo.build_groups(completions, results, "exclude")
+    assert outcomes[0] == [SampleOutcome(None, None, False), SampleOutcome(5.0, 0.0, True),
+                           SampleOutcome(5.0, 0.0, True)]
+    sd = math.sqrt(2 / 3)
+    assert [o.used for o in outcomes[1]] == [True, False, True]
+    np.testing.assert_allclose([o.advantage for o in outcomes[1]], [-1 / sd, 0.0, 1 / sd])
+    assert outcomes[2] == [SampleOutcome(None, None, False)] * 2
+    assert len(groups) == 2 and [len(g.samples) for g in groups] == [2, 2]
+    single = algo.build_groups([[_completion(0, 0), _completion(0, 1)]], [[_ok(4.0), FAILED]])[1][0]
+    assert single[0] == SampleOutcome(4.0, 0.0, True)  # one valid reward: no signal, advantage 0
+
+
+def test_build_groups_naturalness_penalty_in_the_advantages_not_the_reward():
+    # coef 0.5, base NLL [2, 0, 9]: penalised rewards [1 - 1, 1 - 0, unspeakable 0 (no penalty)] = [0, 1, 0]
+    # -> mean 1/3, population std sqrt(2)/3 -> advantages [-1/sqrt(2), 2/sqrt(2), -1/sqrt(2)].
+    completions = [[_completion(0, i) for i in range(3)]]
+    groups, outcomes = algo.build_groups(completions, [[_ok(1.0), _ok(1.0), UNSPEAKABLE]], 0.0,
+                                         naturalness_coef=0.5, base_nll=[[2.0, 0.0, 9.0]])
+    assert [o.reward for o in outcomes[0]] == [1.0, 1.0, 0.0]
+    np.testing.assert_allclose([o.advantage for o in outcomes[0]], np.array([-1.0, 2.0, -1.0]) / math.sqrt(2))
+    np.testing.assert_allclose([s.advantage for s in groups[0].samples], np.array([-1.0, 2.0, -1.0]) / math.sqrt(2))
+    # coef 0 ignores the NLL: equal rewards, zero advantages
+    _, plain = algo.build_groups(completions, [[_ok(1.0), _ok(1.0), _ok(1.0)]], base_nll=[[2.0, 0.0, 9.0]])
+    assert [o.advantage for o in plain[0]] == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="base model's NLL"):
+        algo.build_groups(completions, [[_ok(1.0)] * 3], naturalness_coef=0.5)

@@ -26,6 +26,8 @@ import pandas as pd
 import psutil
 import pytest
 
+from tests.ray_heads import head_env, local_head
+
 ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 KEY = ["step", "prompt_index", "sample_index"]
@@ -38,12 +40,6 @@ SMALL = ["run.name=e2e", "run.steps=4", "run.checkpoint_every=2", "run.seed=7", 
          "reward.cache=false"]
 
 pytestmark = pytest.mark.slow
-
-
-def head_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PORTS, RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
-    return env
 
 
 def head_processes(gcs_port: str) -> list[psutil.Process]:
@@ -62,12 +58,8 @@ def head_processes(gcs_port: str) -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def head():
-    env = head_env()
-    subprocess.run(["bash", "scripts/ray_local.sh", "start"], cwd=ROOT, env=env, check=True, timeout=180)
-    try:
+    with local_head(head_env(PORTS)) as env:
         yield env
-    finally:
-        subprocess.run(["bash", "scripts/ray_local.sh", "stop"], cwd=ROOT, env=env, timeout=120)
 
 
 def submit(env: dict[str, str], submission_id: str, entrypoint: list[str]) -> None:
@@ -93,7 +85,7 @@ QUERY = (
 def job_query(submission_id: str) -> dict:
     """Status and logs of a job, asked in a subprocess: the job client reads RAY_AUTH_MODE=token from its
     environment, which this test process must not change for the other test modules."""
-    out = subprocess.run([sys.executable, "-c", QUERY, DASHBOARD, submission_id], env=head_env(),
+    out = subprocess.run([sys.executable, "-c", QUERY, DASHBOARD, submission_id], env=head_env(PORTS),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -193,7 +185,7 @@ def test_driver_sigkill_mid_step_then_resubmitted_run_matches_uninterrupted(head
     # The same run through submit_with_retry.sh; its driver is killed with SIGKILL during step 3, after
     # the checkpoint of step 2: the script resubmits with --resume-or-start.
     cut_dir = tmp_path / "cut"
-    env = head_env(RAY_ADDRESS=DASHBOARD, BRAINLOOP_MAX_SUBMITS="2")
+    env = head_env(PORTS, RAY_ADDRESS=DASHBOARD, BRAINLOOP_MAX_SUBMITS="2")
     entrypoint = [a for i, a in enumerate(job_entrypoint(cut_dir)) if a != "--run-dir" and i != 6]  # the script adds it
     wrapper = subprocess.Popen(["bash", "scripts/submit_with_retry.sh", str(cut_dir), "--", *entrypoint],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -228,7 +220,7 @@ def test_driver_sigkill_mid_step_then_resubmitted_run_matches_uninterrupted(head
 
 
 def test_submit_with_retry_does_not_resubmit_a_config_error(head, tmp_path):
-    env = head_env(RAY_ADDRESS=DASHBOARD, BRAINLOOP_MAX_SUBMITS="3")
+    env = head_env(PORTS, RAY_ADDRESS=DASHBOARD, BRAINLOOP_MAX_SUBMITS="3")
     out = subprocess.run(["bash", "scripts/submit_with_retry.sh", str(tmp_path / "bad"), "--", "python", "-m",
                           "brainloop.job", "--config", str(DEMO), "--set", "run.stepz=2"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -280,7 +272,7 @@ def test_run_names_held_by_a_driver_that_is_killed_are_released(head):
     """The placement group and actor names of a run, held by a driver that is then SIGKILLed: a new driver
     of the same run waits for them and then creates its own (before the fix it failed at once with
     "placement group ... already exists"); while the holder stays alive it refuses with a clear error."""
-    env = head_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # as ray_local.sh: connect to the loopback head
+    env = head_env(PORTS, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # as ray_local.sh: connect to the loopback head
     holder = subprocess.Popen([sys.executable, "-c", HOLDER], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "holding"

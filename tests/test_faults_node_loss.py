@@ -26,6 +26,7 @@ import pytest
 import ray
 
 from tests.loop_helpers import KEY, rollouts, small_config
+from tests.ray_heads import head_env, local_head
 
 ROOT = Path(__file__).parents[1]
 GCS_PORT = "6690"
@@ -36,14 +37,11 @@ pytestmark = pytest.mark.slow
 
 
 def cluster_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     # Faster node-death detection than Ray's default (about 30 s) keeps the test short; same mechanism.
     # The head carries policy_node (as in ray_cluster.yaml): the sampler's and learner's bundles go there,
     # never onto the reward node.
-    env.update(PORTS, BRAINLOOP_RAY_LOOPBACK="0", BRAINLOOP_RAY_RESOURCES='{"policy_node": 1}',
-               RAY_AUTH_MODE="token", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="5")
-    return env
+    return head_env(PORTS, BRAINLOOP_RAY_LOOPBACK="0", BRAINLOOP_RAY_RESOURCES='{"policy_node": 1}',
+                    RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="5")
 
 
 def start_reward_node(env: dict[str, str], agent_port: int) -> None:
@@ -67,13 +65,9 @@ def reward_node_raylets() -> list[psutil.Process]:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    env = cluster_env()
-    subprocess.run(["bash", "scripts/ray_local.sh", "start"], cwd=ROOT, env=env, check=True, timeout=180)
-    try:
+    with local_head(cluster_env()) as env:
         start_reward_node(env, 52691)
         yield env
-    finally:
-        subprocess.run(["bash", "scripts/ray_local.sh", "stop"], cwd=ROOT, env=env, timeout=120)
 
 
 def run_scenario(run_dir: str) -> dict:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,23 +24,12 @@ from reward_workers.pool import RewardPool
 from reward_workers.worker import RewardWorker
 
 CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
-ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NILEARN_DATA", "BRAINLOOP_CACHE", "HF_HOME")
 TEXTS = [
     "The lighthouse keeper climbed the stairs every evening at six.",
     "Rain fell on the market, and the traders pulled their awnings down.",
     "She counted the steps twice, then decided to take the lift instead.",
     "Bees return to the hive by the angle of the sun, even on cloudy days.",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    env = {k: v for k, v in os.environ.items() if k in ENV_KEYS}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             namespace="brainloop-fault-pool-tests", runtime_env={"env_vars": env})
-    yield
-    ray.shutdown()
 
 
 def make_worker(name: str, **pipeline_changes):

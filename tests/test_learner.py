@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from brainloop.config import load_config
-from learner.learner import Learner, TrainGroup, TrainSample
+from brainloop.types import TrainGroup, TrainSample
+from learner.learner import Learner
 
 CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
 

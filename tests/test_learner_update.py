@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from bench.learner_update import ReferenceLearner, demo_groups, make_learner
-from learner.learner import Learner, TrainSample
+from brainloop.types import TrainSample
+from learner.learner import Learner
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = (16, 11, 16, 7)  # completions of one group: padding and an early EOS included

@@ -10,22 +10,12 @@ import time
 import urllib.request
 
 import pytest
-import ray
 
 from brainloop.driver import Loop
+from tests.conftest import METRICS_PORT
 from tests.loop_helpers import small_config
 
 pytestmark = pytest.mark.slow
-METRICS_PORT = 18280
-
-
-@pytest.fixture(scope="module")
-def ray_with_dashboard():
-    context = ray.init(address="local", num_cpus=4, namespace="brainloop-monitoring", include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=18265, _metrics_export_port=METRICS_PORT,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
-    yield context
-    ray.shutdown()
 
 
 def scrape() -> dict[str, list[tuple[str, float]]]:
@@ -38,11 +28,11 @@ def scrape() -> dict[str, list[tuple[str, float]]]:
     return found
 
 
-def test_metrics_endpoint_and_named_actors_during_a_run(ray_with_dashboard, tmp_path):
+def test_metrics_endpoint_and_named_actors_during_a_run(ray_cluster, tmp_path):
     from ray.util.state import list_actors
 
     # This cluster's own dashboard (another Ray head on the machine must not answer for it).
-    dashboard = "http://" + ray_with_dashboard.dashboard_url
+    dashboard = "http://" + ray_cluster.dashboard_url
     loop = Loop(small_config(4), tmp_path / "monitored")
     seen: dict = {}
     actors: list = []

@@ -48,7 +48,9 @@ def test_cpu_lock_pins_every_core_and_cpu_requirement() -> None:
             assert str(req.specifier).startswith("=="), f"unpinned lock line {line!r}"
             lock[canonicalize_name(req.name)] = str(req.specifier)[2:]
     project = _project()
-    wanted = [*project["dependencies"], *project["optional-dependencies"]["cpu"]]
+    # the trackers extra (run.report_to) is locked too, so the embedded default can report to TensorBoard/W&B
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["cpu"],
+              *project["optional-dependencies"]["trackers"]]
     for line in wanted:
         req = Requirement(line)
         name = canonicalize_name(req.name)

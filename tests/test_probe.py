@@ -44,7 +44,8 @@ def zeroed(adapter_files: dict[str, bytes]) -> dict[str, bytes]:
 @pytest.mark.slow
 def test_probe_catches_sampler_serving_the_base_model():
     from actors.sampler import Sampler
-    from learner.learner import Learner, TrainGroup, TrainSample
+    from brainloop.types import TrainGroup, TrainSample
+    from learner.learner import Learner
 
     cfg = Config()
     sampler = Sampler(cfg.policy.model, engine="vllm", max_lora_rank=16, max_loaded_adapters=2, max_model_len=256,

@@ -8,10 +8,9 @@ reward), because a real call cannot be made to hang on demand.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ from reward_workers.pool import RewardPool
 from reward_workers.worker import RewardWorker
 
 CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
-ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NILEARN_DATA", "BRAINLOOP_CACHE", "HF_HOME")
 REAL_TIMEOUT_S = 180.0  # a restarted or newly added worker reloads its models first (slow on a busy CPU)
 
 TEXTS = [
@@ -36,17 +34,6 @@ TEXTS = [
     "The bridge was painted red so that ships could see it through the fog.",
     "Nobody in the village remembered who had planted the old chestnut tree.",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    env = {k: v for k, v in os.environ.items() if k in ENV_KEYS}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    # address="local": our own cluster, never a head someone else started on this machine.
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             namespace="brainloop-pool-tests", runtime_env={"env_vars": env})
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +54,13 @@ def make_real(ray_cluster, demo_cfg) -> Callable[[str], ray.actor.ActorHandle]:
 
 
 @pytest.fixture(scope="module")
-def real_workers(make_real) -> list[ray.actor.ActorHandle]:
+def real_workers(make_real) -> Iterator[list[ray.actor.ActorHandle]]:
     """Two real workers shared by the tests (loading models is the slow part of starting one)."""
     workers = [make_real("real-0"), make_real("real-1")]
     ray.get([w.ping.remote() for w in workers], timeout=600)
-    return workers
+    yield workers
+    for worker in workers:  # a pool retires the workers it removes; these outlive every pool of the module
+        ray.kill(worker)
 
 
 def wait_alive(worker: ray.actor.ActorHandle, timeout_s: float = REAL_TIMEOUT_S) -> dict:

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from actors.sampler import (
-    Completion,
     Sampler,
     adapter_name,
     cut_at_eos,
@@ -28,6 +27,7 @@ from actors.sampler import (
     splitmix64,
     versions_to_evict,
 )
+from brainloop.types import Completion
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -341,11 +341,11 @@ def test_adapters_scores_versions_eviction(sampler: Sampler, hf_base, adapters: 
 # ---------------------------------------------------------------------------- Ray actor
 
 
-def test_vllm_sampler_in_ray_actor(adapters: dict[int, Path]) -> None:
+def test_vllm_sampler_in_ray_actor(ray_cluster, adapters: dict[int, Path]) -> None:
     """The driver's pattern: ray.remote(Sampler), adapter bytes through the object store."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    actor = None
     try:
         env = {
             "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
@@ -378,4 +378,5 @@ def test_vllm_sampler_in_ray_actor(adapters: dict[int, Path]) -> None:
         assert info["engine"] == "vllm" and info["loaded_versions"] == [1]
         ray.get(actor.close.remote())
     finally:
-        ray.shutdown()
+        if actor is not None:
+            ray.kill(actor)
