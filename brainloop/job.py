@@ -247,7 +247,9 @@ def check_run_dir(cfg: Config, run_dir: Path, args: argparse.Namespace) -> bool:
 # ---- Ray ------------------------------------------------------------------------------------------------
 def logical_cpus(cfg: Config) -> int:
     """CPUs a private cluster must advertise so every actor of the config can be placed (logical, not cores)."""
-    need = cfg.sampler.num_cpus + cfg.learner.num_cpus + cfg.reward.num_workers * cfg.reward.num_cpus_per_worker
+    # An autoscaled pool may grow to max_workers: room for all of them, or the extra ones stay pending.
+    workers = max(cfg.reward.num_workers, cfg.reward.autoscale.max_workers if cfg.reward.autoscale else 0)
+    need = cfg.sampler.num_cpus + cfg.learner.num_cpus + workers * cfg.reward.num_cpus_per_worker
     return max(os.cpu_count() or 1, int(-(-need // 1)))
 
 

@@ -358,3 +358,18 @@ def test_autoscale_config_is_checked_before_any_actor():
                          ({"autoscale": {"down_after_idle_s": 0}}, "reward.autoscale.down_after_idle_s")):
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             load_config(CONFIG, {"reward": bad})
+
+
+def test_private_cluster_has_room_for_the_largest_pool():
+    """Without RAY_ADDRESS the job starts a private cluster sized from the config: an autoscaled pool must
+    fit at max_workers there, or its extra workers would stay pending for ever."""
+    from brainloop.config import load_config
+    from brainloop.job import logical_cpus
+
+    one_cpu_each = {"sampler": {"num_cpus": 1}, "learner": {"num_cpus": 1}}
+    fixed = load_config(CONFIG, {**one_cpu_each, "reward": {"num_workers": 1, "num_cpus_per_worker": 1}})
+    elastic = load_config(CONFIG, {**one_cpu_each, "reward": {"num_workers": 1, "num_cpus_per_worker": 1,
+                                                              "autoscale": {"max_workers": 8}}})
+    cores = os.cpu_count() or 1
+    assert logical_cpus(fixed) == max(cores, 1 + 1 + 1)
+    assert logical_cpus(elastic) == max(cores, 1 + 1 + 8)

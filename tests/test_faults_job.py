@@ -27,10 +27,27 @@ ROOT = Path(__file__).parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
 
 
+RAY_INIT_CALLS: list[dict] = []  # ray.init calls of the running test (the session's own cluster may be up)
+
+
+@pytest.fixture(autouse=True)
+def record_ray_init(monkeypatch):
+    """Record the job's ray.init calls instead of asking ray.is_initialized(): another module's test
+    cluster may be connected in this process, and that says nothing about what the job did."""
+    RAY_INIT_CALLS.clear()
+    real_init = ray.init
+
+    def init(*args, **kwargs):
+        RAY_INIT_CALLS.append(kwargs)
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "init", init)
+
+
 def run_job(capsys, *args: str) -> tuple[int, str]:
     code = job_main(["--config", str(DEMO), *args])
     err = capsys.readouterr().err
-    assert not ray.is_initialized(), "the job connected to Ray before its checks"
+    assert not RAY_INIT_CALLS, "the job connected to Ray before its checks"
     assert "Traceback" not in err
     return code, err
 
@@ -188,4 +205,4 @@ def test_unreachable_cluster_is_one_line_and_exit_1(tmp_path, capsys, monkeypatc
     assert code == 1 and "Traceback" not in err
     assert err.strip() == "[brainloop] run failed: cannot reach the Ray cluster at 127.0.0.1:9 (RAY_ADDRESS): " \
                           "Connection refused"
-    assert time.monotonic() - start < 60 and not ray.is_initialized()
+    assert time.monotonic() - start < 60 and not RAY_INIT_CALLS  # refused before ray.init

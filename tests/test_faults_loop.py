@@ -81,10 +81,11 @@ def test_checkpoint_write_on_a_full_disk_leaves_the_last_one_intact(small_disk):
 def test_unwritable_run_folder_is_a_clear_error_before_any_actor(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the run folder's parent should be")
+    connected = ray.is_initialized()  # the session's shared test cluster may be up already
     with pytest.raises(RunFolderError, match=r"cannot write the run folder .*not-a-folder/run.*last complete "
                                              r"checkpoint: none"):
         Loop(small_config(2), blocker / "run")
-    assert not ray.is_initialized()
+    assert ray.is_initialized() == connected  # refused before Ray: no connection made
 
 
 def test_disk_full_mid_run_then_resume_loses_nothing(ray_cluster, small_disk):
