@@ -251,6 +251,8 @@ CLAIMER = (
     "from ray.util.placement_group import placement_group\n"
     "from brainloop.driver import release_stale_holders\n"
     "from brainloop.errors import RunFailure\n"
+    "from brainloop.job import configure_logging\n"
+    "configure_logging()  # the driver's progress lines on stdout, as in the job\n"
     "ray.init(address='127.0.0.1:6490', namespace='brainloop-stale')\n"
     "try:\n"
     "    release_stale_holders('stale-policy', ['sampler'], timeout_s=float(sys.argv[1]))\n"
