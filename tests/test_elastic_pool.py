@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ENV_KEYS
 from tests.ray_heads import head_env, local_head
 
 ROOT = Path(__file__).parents[1]
@@ -42,7 +43,6 @@ UNUSED_GCS = "6890"  # nothing listens there: the unreachable-cluster case
 PORTS = {"BRAINLOOP_RAY_PORT": GCS_PORT, "BRAINLOOP_DASHBOARD_PORT": "8665", "BRAINLOOP_AGENT_PORT": "52790",
          "BRAINLOOP_METRICS_PORT": "8590", "BRAINLOOP_CLIENT_PORT": "20790", "BRAINLOOP_RAY_CPUS": "4"}
 NODE_PORTS = (52890, 8690)  # the joining node's dashboard agent and metrics ports
-ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NILEARN_DATA", "BRAINLOOP_CACHE", "HF_HOME")
 LATENCY_S = 1.0  # simulated GPU seconds per text, after the real stages
 TEXTS = [
     "The lighthouse keeper climbed the stairs every evening at six.",
