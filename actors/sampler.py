@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.engines import preserved_global_rng
+from brainloop.metrics import RunMetrics
 from brainloop.types import Completion
 
 ENGINES = ("vllm", "transformers")
@@ -202,6 +203,7 @@ class Sampler:
         gpu_memory_utilization: float = 0.5,
         kv_cache_bytes: int | None = None,
         enforce_eager: bool | None = None,
+        metrics: RunMetrics | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -210,6 +212,7 @@ class Sampler:
         from brainloop.models import resolve_model
 
         self.engine_name = engine
+        self.metrics = metrics
         self.max_lora_rank = max_lora_rank
         self.max_loaded_adapters = max_loaded_adapters
         self.max_model_len = max_model_len
@@ -298,6 +301,8 @@ class Sampler:
         for old in versions_to_evict(self._adapters, self.max_loaded_adapters):
             self._engine.remove_adapter(old, adapter_name(old))
             shutil.rmtree(self._adapters.pop(old), ignore_errors=True)
+        if self.metrics is not None:
+            self.metrics.set({"sampler_adapter_version": version})
 
     def _resolve_version(self, version: int | None) -> int:
         if version is None:
@@ -367,6 +372,11 @@ class Sampler:
         for row in results:
             for completion in row:
                 completion.finished_at = finished_at
+        if self.metrics is not None:
+            seconds = finished_at - started_at
+            tokens = sum(len(c.token_ids) for row in results for c in row)
+            self.metrics.set({"tokens_per_second": tokens / max(seconds, 1e-6)})
+            self.metrics.observe("sampler_generate_seconds", seconds)
         return results
 
     def score(self, prompt: str, completion_token_ids: list[int], version: int | None) -> list[float]:

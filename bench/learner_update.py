@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -206,49 +207,73 @@ def compare_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, float
     return out
 
 
+def _timed(fn) -> tuple[Any, float, float]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0  # CPU: this process only, robust to load
+
+
 def run(rounds: int, lengths: tuple[int, ...], new_micro: int | None = None) -> dict[str, Any]:
-    """Two learners (old and new update) take the same updates on the same batches, alternately
-    (order swapped each round); round 0 is a warm-up. Each round starts both from one state (the
-    old learner's, loaded into the new one) and compares what the two updates report."""
-    learners = {"old": make_learner(ReferenceLearner),
-                "new": make_learner(overrides={"learner": {"micro_batch_size": new_micro}} if new_micro else None)}
-    learners["new"].load_state(learners["old"].state())
+    """Three learners take the same updates on the same batches, in an order rotated each round; round
+    0 is a warm-up. ``old``: the previous update; ``new``: the current one running pi_ref itself;
+    ``ahead``: the current one with pi_ref's pass done first by ``prepare_reference`` (as the driver
+    does while the rewards are computed), timed apart from the update. Each round starts all three
+    from one state (the old learner's) and compares what the updates report."""
+    overrides = {"learner": {"micro_batch_size": new_micro}} if new_micro else None
+    learners = {"old": make_learner(ReferenceLearner), "new": make_learner(overrides=overrides),
+                "ahead": make_learner(overrides=overrides)}
+    for name in ("new", "ahead"):
+        learners[name].load_state(learners["old"].state())
     rows: list[dict[str, Any]] = []
     before: dict[str, torch.Tensor] = {}
+    names = list(learners)
     for r in range(rounds + 1):
-        order = ("old", "new") if r % 2 == 0 else ("new", "old")
-        results = {}
+        order = names[r % 3:] + names[: r % 3]
+        results: dict[str, dict[str, Any]] = {}
+        load = load_average()
         for name in order:
             learner = learners[name]
             # Half the batch off-policy from round 1 on (as with algo.max_staleness = 1).
             groups = demo_groups(learner, version=learner.version, off_policy=r > 0, seed=r, lengths=lengths)
-            load = load_average()
-            t0, c0 = time.perf_counter(), time.process_time()
-            results[name] = learner.update(groups)
-            results[name]["wall_s"] = time.perf_counter() - t0
-            results[name]["cpu_s"] = time.process_time() - c0  # this process only: robust to other load
-            results[name]["load_before"] = load
-        # How far one update moved the two adapters apart, relative to the largest step it took
+            prepare_s = prepare_cpu = 0.0
+            if name == "ahead":
+                pairs = [[(s.prompt_ids, s.completion_ids) for s in g.samples] for g in groups]
+                _, prepare_s, prepare_cpu = _timed(partial(learner.prepare_reference, r, pairs))
+            update = partial(learner.update, groups, r) if name == "ahead" else partial(learner.update, groups)
+            results[name], wall, cpu = _timed(update)
+            results[name].update(wall_s=wall, cpu_s=cpu, prepare_s=prepare_s, prepare_cpu_s=prepare_cpu)
+        assert results["ahead"]["reference_ahead_fraction"] == 1.0
+        # How far one update moved the adapters apart, relative to the largest step it took
         # (Adam's first steps are ~lr * sign(g): float noise on near-zero gradients shows up here).
         params = {n: {k: p.detach().clone() for k, p in m.model.named_parameters() if p.requires_grad}
                   for n, m in learners.items()}
         step = max((params["old"][k] - before[k]).abs().max().item() for k in before) if r else float("nan")
         drift = (max((params["new"][k] - p).abs().max().item() for k, p in params["old"].items()) / step
                  if r else float("nan"))
-        # The next round starts both from the old learner's state, so every round compares one update.
-        learners["new"].load_state(learners["old"].state())
+        same = all(torch.equal(params["new"][k], params["ahead"][k]) for k in params["new"])
+        # The next round starts all from the old learner's state, so every round compares one update.
+        for name in ("new", "ahead"):
+            learners[name].load_state(learners["old"].state())
         before = params["old"]
-        rows.append({"round": r, "warmup": r == 0, "order": "/".join(order), "old_s": results["old"]["wall_s"],
-                     "new_s": results["new"]["wall_s"], "ratio": results["new"]["wall_s"] / results["old"]["wall_s"],
-                     "old_cpu_s": results["old"]["cpu_s"], "new_cpu_s": results["new"]["cpu_s"],
-                     "cpu_ratio": results["new"]["cpu_s"] / results["old"]["cpu_s"],
-                     "loss_old": results["old"]["loss"], "loss_new": results["new"]["loss"],
-                     "kl_old": results["old"]["kl_per_token"], "kl_new": results["new"]["kl_per_token"],
-                     "max_rel_diff": max(compare_results(results["old"], results["new"]).values()),
-                     "adapter_rel_drift": drift, "load_before": results[order[0]]["load_before"]})
-        print(f"[learner_update] round {r}: old {rows[-1]['old_s']:.2f} s, new {rows[-1]['new_s']:.2f} s, "
-              f"ratio {rows[-1]['ratio']:.3f} (CPU-s {rows[-1]['cpu_ratio']:.3f}), "
-              f"max rel diff {rows[-1]['max_rel_diff']:.2e}, load {load}", flush=True)
+        old, new, ahead = results["old"], results["new"], results["ahead"]
+        rows.append({"round": r, "warmup": r == 0, "order": "/".join(order), "old_s": old["wall_s"],
+                     "new_s": new["wall_s"], "ratio": new["wall_s"] / old["wall_s"],
+                     "ahead_update_s": ahead["wall_s"], "ahead_prepare_s": ahead["prepare_s"],
+                     "ahead_ratio": ahead["wall_s"] / old["wall_s"],
+                     "ahead_total_ratio": (ahead["wall_s"] + ahead["prepare_s"]) / old["wall_s"],
+                     "old_cpu_s": old["cpu_s"], "new_cpu_s": new["cpu_s"], "cpu_ratio": new["cpu_s"] / old["cpu_s"],
+                     "ahead_update_cpu_s": ahead["cpu_s"], "ahead_prepare_cpu_s": ahead["prepare_cpu_s"],
+                     "ahead_cpu_ratio": ahead["cpu_s"] / old["cpu_s"],
+                     "loss_old": old["loss"], "loss_new": new["loss"], "loss_ahead": ahead["loss"],
+                     "kl_old": old["kl_per_token"], "kl_new": new["kl_per_token"],
+                     "max_rel_diff": max(compare_results(old, new).values()),
+                     "ahead_equals_new": same and all(ahead[k] == new[k] for k in ("loss", "kl_per_token",
+                                                                                   "grad_norm")),
+                     "adapter_rel_drift": drift, "load_before": load})
+        print(f"[learner_update] round {r}: old {old['wall_s']:.2f} s, new {new['wall_s']:.2f} s "
+              f"({rows[-1]['ratio']:.3f}), ahead: update {ahead['wall_s']:.2f} s ({rows[-1]['ahead_ratio']:.3f}) "
+              f"+ pi_ref {ahead['prepare_s']:.2f} s; max rel diff {rows[-1]['max_rel_diff']:.2e}, "
+              f"ahead == new: {rows[-1]['ahead_equals_new']}, load {load}", flush=True)
     return {"rows": rows, "torch_threads": torch.get_num_threads()}
 
 
@@ -321,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
                "new_over_old": new_s / old_s, "new_over_old_median_round": median([r["ratio"] for r in measured]),
                "old_update_cpu_s_mean": old_cpu / len(measured), "new_update_cpu_s_mean": new_cpu / len(measured),
                "new_over_old_cpu": new_cpu / old_cpu,
+               "ahead_update_s_mean": sum(r["ahead_update_s"] for r in measured) / len(measured),
+               "ahead_prepare_s_mean": sum(r["ahead_prepare_s"] for r in measured) / len(measured),
+               "ahead_update_over_old": sum(r["ahead_update_s"] for r in measured) / old_s,
+               "ahead_update_over_old_cpu": sum(r["ahead_update_cpu_s"] for r in measured) / old_cpu,
+               "ahead_update_plus_prepare_over_old": sum(r["ahead_update_s"] + r["ahead_prepare_s"]
+                                                         for r in measured) / old_s,
+               "ahead_equals_new_every_round": all(r["ahead_equals_new"] for r in result["rows"]),
                "max_rel_diff": max(r["max_rel_diff"] for r in result["rows"]),
                "max_adapter_rel_drift": max(r["adapter_rel_drift"] for r in result["rows"])}
     why = ("the update is matmul-bound (bench/results/learner_profile_after.txt); per group the model now runs "
@@ -328,12 +360,20 @@ def main(argv: list[str] | None = None) -> int:
            "0.63x the tokens in each of the three passes (reference, policy, backward), and the head (3 matmuls "
            "over the completion positions x 49k vocabulary, ~20% of the new update) cannot shrink: the exact KL "
            "needs both full distributions")
-    targets = [target("update wall seconds, new / old (same batches)", summary["new_over_old"], TARGET_RATIO, False,
-                      why),
-               target("update CPU seconds of the process, new / old (same batches; robust to other load)",
+    ahead_why = ("pi_ref's pass runs when the step is sampled (learner.reference_ahead, the driver's default), "
+                 "while the reward pool scores it; the update is left the policy's forward and backward and the "
+                 "head; the numbers equal the update that runs pi_ref itself bit for bit (ahead_equals_new)")
+    targets = [target("update wall seconds on the step's path, pi_ref ahead / old (same batches)",
+                      summary["ahead_update_over_old"], TARGET_RATIO, False, ahead_why),
+               target("update CPU seconds on the step's path, pi_ref ahead / old (robust to other load)",
+                      summary["ahead_update_over_old_cpu"], TARGET_RATIO, False, ahead_why),
+               target("update wall seconds, new with pi_ref inside / old (all the learner's work in the update)",
+                      summary["new_over_old"], TARGET_RATIO, False, why),
+               target("update CPU seconds of the process, new with pi_ref inside / old",
                       summary["new_over_old_cpu"], TARGET_RATIO, False, why)]
-    print(table(result["rows"], columns=["round", "order", "old_s", "new_s", "ratio", "cpu_ratio", "max_rel_diff",
-                                         "adapter_rel_drift", "load_before"], title="\nlearner update, old vs new"))
+    print(table(result["rows"], columns=["round", "order", "old_s", "new_s", "ratio", "ahead_update_s",
+                                         "ahead_prepare_s", "ahead_ratio", "ahead_total_ratio", "max_rel_diff",
+                                         "ahead_equals_new", "load_before"], title="\nlearner update, old vs new"))
     memory = None if args.quick or args.no_memory else memory_report()
     if memory:
         gib = 1024**3
@@ -350,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                          "micro_batch_size": {"old": 4, "new": args.new_micro or 4},
                          "torch_threads": result["torch_threads"],
                          "old": "bench.learner_update.ReferenceLearner (the update of commit 3d3564c)",
-                         "new": "learner.learner.Learner (working tree)"},
+                         "new": "learner.learner.Learner (working tree), pi_ref in the update",
+                         "ahead": "learner.learner.Learner, pi_ref by prepare_reference before the update"},
               "summary": summary, "targets": targets, "rows": result["rows"], "memory": memory}
     write_json(args.json, report)
     return 0

@@ -76,6 +76,9 @@ class LearnerConfig(Section):
     num_gpus: float = Field(0.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict)
     cpu_threads: int | None = None
+    # Run pi_ref's pass over a step's completions when they are sampled (while the reward pool scores
+    # them) instead of inside the update; the same numbers, off the update's path.
+    reference_ahead: bool = True
 
 
 class AlgoConfig(Section):

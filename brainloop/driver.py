@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -86,6 +86,7 @@ class ScoringBatch:
     # reward.naturalness_coef > 0: the sampler's base-model log-probs of each completion, (prompt, sample) -> ref
     base_logprob_refs: dict[tuple[int, int], ray.ObjectRef] = field(default_factory=dict)
     naturalness_wait_s: float = 0.0  # seconds the driver waited for them after the rewards were in
+    reference_ref: ray.ObjectRef | None = None  # the learner's pi_ref pass over these completions
 
     @property
     def complete(self) -> bool:
@@ -227,7 +228,7 @@ class Loop:
         with self._writing("the run folder"):
             self.files = RunFiles(run_dir)
         self.resume = resume
-        self.metrics = RunMetrics(cfg.run.name)
+        self.metrics = RunMetrics(cfg.run.name, "driver")
         prompts = load_prompts(cfg.prompts.file)
         self.train_prompts = split(prompts, "train")
         self.state = LoopState()
@@ -281,12 +282,13 @@ class Loop:
         ).remote(cfg.policy.model, engine=cfg.sampler.engine, max_lora_rank=max(8, cfg.policy.lora.r),
                  max_loaded_adapters=cfg.sampler.max_loaded_adapters, max_model_len=cfg.sampler.max_model_len,
                  seed=cfg.run.seed, dtype=cfg.policy.dtype, cpu_threads=cfg.sampler.cpu_threads,
-                 gpu_memory_utilization=cfg.sampler.gpu_memory_utilization)
+                 gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
+                 metrics=RunMetrics(cfg.run.name, "sampler"))
         self.learner = ray.remote(Learner).options(
             name="learner", num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=1),
         ).remote(cfg.policy.model_dump(), cfg.learner.model_dump(), cfg.run.steps, cfg.run.seed,
-                 cfg.algo.model_dump())
+                 cfg.algo.model_dump(), metrics=RunMetrics(cfg.run.name, "learner"))
         reward = cfg.reward
         prediction_dir = str(self.files.root / "predictions") if reward.pipeline.save_predictions else None
 
@@ -296,13 +298,14 @@ class Loop:
                 num_gpus=reward.gpus_per_worker, resources=reward.resources or None, max_restarts=-1,
                 runtime_env=env,
             ).remote(reward.pipeline.model_dump(), reward.spec.model_dump(mode="json"), f"reward-worker-{index}",
-                     reward.cache, prediction_dir)
+                     reward.cache, prediction_dir, metrics=RunMetrics(cfg.run.name, "reward-worker"))
 
         # Live size: `brainloop scale` / `brainloop status` reach the pool through the control actor.
         a = reward.autoscale
         self.control = start_control(cfg.run.name, (a.min_workers, a.max_workers) if a else None)
         self.pool = RewardPool(make_worker, reward.num_workers, reward.timeout_s, reward.max_attempts,
-                               autoscale=a, control=self.control, metrics=self.metrics)
+                               autoscale=a, control=self.control,
+                               metrics=RunMetrics(cfg.run.name, "reward-pool"))
         # Actors that cannot start (weights that fail to load, a missing model) end the run here with
         # their own error, before any step.
         for role, wait in (("reward workers", self.pool.ready),
@@ -431,12 +434,22 @@ class Loop:
         self._scoring[generation.step] = batch
         return batch
 
+    def _reference_ahead(self) -> None:
+        """Queue the learner's pi_ref pass over every step in the reward pool that lacks one, so that it
+        runs while the pool scores them (``learner.reference_ahead``). Called when the learner has
+        nothing else queued ahead of it on the step's path: after a step is sampled, and after a push
+        (a step scored ahead during an update gets its pass after that update's adapter export)."""
+        if not self.cfg.learner.reference_ahead:
+            return
+        for step, batch in sorted(self._scoring.items()):
+            if batch.reference_ref is None:
+                batch.reference_ref = self.learner.prepare_reference.remote(
+                    step, [[(c.prompt_token_ids, c.token_ids) for c in group] for group in batch.completions])
+
     def _absorb(self, timeout_s: float) -> None:
         """Route the pool's finished results to their steps' batches."""
         for (step, pi, si), result in self.pool.poll(timeout_s):
             self._scoring[step].results[(pi, si)] = (result, time.time())
-            for stage, seconds in result.timings.items():
-                self.metrics.latency("reward-worker", stage, seconds)
 
     def _finish_scoring(self, batch: ScoringBatch) -> None:
         while not batch.complete:
@@ -526,18 +539,20 @@ class Loop:
         sampled, maybe scored, ahead; the probe is checked during the next update)."""
         t_step = time.time()
         batch = schedule.sampled(step)  # sample: completions of this step, handed to the reward pool
+        self._reference_ahead()  # pi_ref's pass on the learner while the pool scores
         t_sampled = time.time()
         self._finish_scoring(batch)  # score: wait for every reward
         t_scored = time.time()
         groups, rows = self._build_update(step, batch)  # rewards -> advantages -> samples (algo.build_groups)
         self._check_failure_budget(step, rows)
-        update_ref = self.learner.update.remote(groups) if groups else None  # update
+        update_ref = self.learner.update.remote(groups, step) if groups else None  # update
         schedule.while_updating(update_ref)  # pipelined: check the last probe, score the next step meanwhile
-        update_stats = self._collect_update(update_ref, rows)
+        update_stats = self._collect_update(update_ref, rows, batch)
         if update_ref is not None:
             self.state.version = update_stats["version"]
             self._push_adapter(self.state.version, self.learner.export_adapter.remote())  # push
             schedule.probe(self._probe_refs(self.state.version))  # probe: the sampler serves this adapter
+            self._reference_ahead()  # pipelined: the next step, scored during this update
         t_updated = time.time()
         record, breaches = self._log_step(step, rows, update_stats, batch, t_step, t_sampled, t_scored, t_updated)
         self.state.step = step + 1
@@ -551,12 +566,18 @@ class Loop:
             schedule.settle()
             self._checkpoint(step, schedule.in_flight())  # checkpoint
 
-    def _collect_update(self, update_ref: ray.ObjectRef | None, rows: list[dict]) -> dict:
+    def _collect_update(self, update_ref: ray.ObjectRef | None, rows: list[dict], batch: ScoringBatch) -> dict:
         """The learner's update statistics ({"skipped": True} without one); each used row gets its mean
         importance weight and, unless the sampler measured it already, its base-model NLL per token."""
         if update_ref is None:
             return {"skipped": True}
         update_stats = ray.get(update_ref)
+        if batch.reference_ref is not None:  # done: the learner ran it before this update
+            try:
+                update_stats["reference_ahead_seconds"] = ray.get(batch.reference_ref)["seconds"]
+            except RayError as exc:  # the update ran pi_ref itself (reference_ahead_fraction < 1)
+                log.warning("pi_ref's pass ahead of step %d failed (%s); the update ran it", batch.generation.step,
+                            short_cause(exc))
         weights = iter(update_stats.pop("is_weights"))
         learner_nll = iter(update_stats.pop("base_nll", []))
         nll_gaps = []
@@ -585,7 +606,7 @@ class Loop:
         breaches = self.guards.observe(step, record)
         guard_metrics = self.guards.step_metrics(breaches)
         record.update(guard_metrics)
-        self.metrics.gauges("driver", guard_metrics)
+        self.metrics.set(guard_metrics)
         for breach in breaches:
             log.warning("%s", breach.message())
         with self._writing("metrics.jsonl"):
@@ -700,16 +721,13 @@ class Loop:
         }
         roi_means = {name: float(np.nanmean([r[f"roi_{name}"] for r in rows if r[f"roi_{name}"] is not None]))
                      for name in ROI_NAMES if any(r[f"roi_{name}"] is not None for r in rows)}
-        self.metrics.gauges("driver", {k: v for k, v in record.items() if isinstance(v, (int, float))
-                                       and k not in ("time",)})
-        self.metrics.gauges("reward-worker", roi_means, prefix="roi_")
-        self.metrics.gauges("reward-pool", {"queue_depth": self.pool.queued, "in_flight": self.pool.in_flight})
+        self.metrics.set(self.metrics.select(record) | {f"roi_{name}": v for name, v in roi_means.items()})
         return record
 
     def _record_probe(self, probe: ProbeResult) -> None:
         with self._writing("metrics.jsonl"):
             self.files.append_metrics({"probe": probe.__dict__, "step": self.state.step - 1})
-        self.metrics.gauges("driver", {"probe_sampler_vs_learner": probe.sampler_vs_learner,
+        self.metrics.set({"probe_sampler_vs_learner": probe.sampler_vs_learner,
                                        "probe_adapter_vs_base": probe.adapter_vs_base})
 
     def _checkpoint(self, step: int, in_flight: list[PendingGeneration]) -> None:

@@ -4,7 +4,9 @@ The KL reference pi_ref is the same model with its adapter disabled, so the lear
 of the base weights (the reference script held two). In the update a group's shared prompt runs once
 per forward (policy and reference), its samples' completions packed after it in one row, and the
 vocabulary is reached only through ``algo.policy_head_loss`` (completion positions, in chunks, one
-log_softmax per side): tests/test_learner_update.py checks it against the previous update. The
+log_softmax per side): tests/test_learner_update.py checks it against the previous update. pi_ref
+never changes, so its pass can run as soon as a step is sampled (``prepare_reference``, while the
+reward pool scores the step), leaving the update only the policy's forward and backward. The
 learner is a plain class; the driver runs it as a Ray actor named ``learner``.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from brainloop import algo
+from brainloop.metrics import RunMetrics
 from brainloop.models import resolve_model
 from brainloop.types import TrainGroup, TrainSample
 
@@ -34,7 +37,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 class Learner:
-    def __init__(self, policy: dict, learner: dict, total_steps: int, seed: int, algo_cfg: dict) -> None:
+    def __init__(self, policy: dict, learner: dict, total_steps: int, seed: int, algo_cfg: dict,
+                 metrics: RunMetrics | None = None) -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
@@ -44,6 +48,7 @@ class Learner:
         self.cfg = learner
         self.algo_cfg = algo_cfg
         self.total_steps = total_steps
+        self.metrics = metrics
         self.device = "cuda" if torch.cuda.is_available() and learner.get("num_gpus", 0) > 0 else "cpu"
         base = AutoModelForCausalLM.from_pretrained(resolve_model(policy["model"]), dtype=torch_dtype(policy["dtype"]))
         lora = policy["lora"]
@@ -55,6 +60,9 @@ class Learner:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=learner["lr"], weight_decay=learner["weight_decay"])
         self.version = 0  # number of updates applied; version 0 is the base model (LoRA B = 0)
+        # step -> {(prompt ids, completion ids): pi_ref's last hidden states at its completion positions}
+        self._prepared: dict[int, dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor]] = {}
+        self._ran_reference = 0  # samples of the current update whose pi_ref pass ran in it
 
     # ---- the update -------------------------------------------------------------------------
     def _decoder_and_head(self) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -127,10 +135,46 @@ class Learner:
         out = decoder(input_ids=ids, attention_mask=allowed, position_ids=positions, use_cache=False)
         return out.last_hidden_state.flatten(0, 1)
 
-    def _micro_loss(self, segments: list[list[TrainSample]], group_sizes: list[int]
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _reference_hidden(self, packed: tuple[torch.Tensor, ...], samples: list[TrainSample]) -> list[torch.Tensor]:
+        """pi_ref's last hidden states at each sample's completion positions (len(completion), H), from
+        packed rows (``_pack``) of those samples."""
+        ids, positions, allowed, where = packed
+        with self._reference() as ref_decoder:
+            hidden = self._hidden(ref_decoder, ids, positions, allowed)
+        return [hidden[where[i, : len(s.completion_ids)]] for i, s in enumerate(samples)]
+
+    def prepare_reference(self, step: int, groups: list[list[tuple[list[int], list[int]]]]) -> dict[str, float]:
+        """pi_ref's pass over step ``step``'s completions ((prompt ids, completion ids) per group), run
+        when the step is sampled, while its rewards are computed.
+
+        The update of that step takes pi_ref's hidden states from here instead of running the
+        adapter-disabled decoder itself, and computes them as before for a sample not found (one whose
+        content differs, a restarted learner, a resumed run). Rows are packed as the update packs them
+        when every sample is used, so the numbers are the same bit for bit."""
+        t0 = time.perf_counter()
+        # Only the token ids matter for pi_ref; the rest of a TrainSample is filled in after the rewards.
+        train = [TrainGroup([TrainSample(list(p), list(c), [], 0.0, -1) for p, c in group]) for group in groups]
+        prepared = self._prepared.setdefault(step, {})
+        for segments, _ in self._micro_batches(train, self.cfg["micro_batch_size"]):
+            samples = [s for seg in segments for s in seg]
+            packed = tuple(t.to(self.device) for t in self._pack(segments))
+            for sample, hidden in zip(samples, self._reference_hidden(packed, samples), strict=True):
+                prepared[self._key(sample)] = hidden
+        seconds = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.set({"reference_ahead_seconds": seconds})
+        return {"samples": float(len(prepared)), "seconds": seconds}
+
+    @staticmethod
+    def _key(sample: TrainSample) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return tuple(sample.prompt_ids), tuple(sample.completion_ids)
+
+    def _micro_loss(self, segments: list[list[TrainSample]], group_sizes: list[int],
+                    prepared: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss contribution and per-sample statistics of a micro-batch: segments of samples that share
-        a prompt (``group_sizes``: each segment's group size), each prompt run once per forward."""
+        a prompt (``group_sizes``: each segment's group size), each prompt run once per forward.
+        ``prepared``: pi_ref's hidden states by sample (``prepare_reference``); a micro-batch with any
+        sample missing runs pi_ref itself."""
         samples = [s for seg in segments for s in seg]
         if any(s.prompt_ids != seg[0].prompt_ids for seg in segments for s in seg):
             raise ValueError("a segment's samples must share their prompt")
@@ -143,11 +187,15 @@ class Learner:
             completions[i, : len(s.completion_ids)] = torch.tensor(s.completion_ids)
             mask[i, : len(s.completion_ids)] = 1.0
             sampler_logp[i, : len(s.sampler_logprobs)] = torch.tensor(s.sampler_logprobs)
-        ids, positions, allowed, where = (t.to(dev) for t in self._pack(segments))
+        packed = tuple(t.to(dev) for t in self._pack(segments))
+        ids, positions, allowed, where = packed
         completions, mask, sampler_logp = completions.to(dev), mask.to(dev), sampler_logp.to(dev)
         keep = mask.bool()  # only completion tokens reach the vocabulary (never padding)
-        with self._reference() as ref_decoder:
-            ref_hidden = self._hidden(ref_decoder, ids, positions, allowed)[where[keep]]
+        ahead = [prepared.get(self._key(s)) for s in samples] if prepared else [None]
+        if any(h is None for h in ahead):
+            ahead = self._reference_hidden(packed, samples)
+            self._ran_reference += len(samples)
+        ref_hidden = torch.cat(ahead)  # (sum of completion lengths, H): the order of where[keep]
         decoder, head = self._decoder_and_head()
         hidden = self._hidden(decoder, ids, positions, allowed)[where[keep]]
 
@@ -183,9 +231,14 @@ class Learner:
                 segments[-1].append(sample)
             yield segments, sizes
 
-    def update(self, groups: list[TrainGroup]) -> dict[str, float]:
-        """One optimizer step over every valid sample of the step's groups."""
+    def update(self, groups: list[TrainGroup], step: int | None = None) -> dict[str, float]:
+        """One optimizer step over every valid sample of the step's groups; ``step``: the step whose
+        ``prepare_reference`` holds pi_ref's pass (None: run it here)."""
         t0 = time.perf_counter()
+        prepared = self._prepared.pop(step, None) if step is not None else None
+        for old in [s for s in self._prepared if step is not None and s < step]:
+            del self._prepared[old]  # steps that never reached an update (all their samples failed)
+        self._ran_reference = 0
         self.model.train()
         lr = algo.lr_at(self.version, self.cfg["lr"], self.cfg["warmup_steps"], self.total_steps,
                         self.cfg["min_lr_ratio"])
@@ -200,7 +253,7 @@ class Learner:
         # Micro-batches of up to `micro` samples, across groups; each sample's loss term is divided by
         # its own group's size, so any split gives the same gradient.
         for segments, sizes in self._micro_batches(groups, micro):
-            loss, st = self._micro_loss(segments, sizes)
+            loss, st = self._micro_loss(segments, sizes, prepared)
             # Groups are averaged, so a step's loss does not grow with the number of prompts.
             (loss / n_groups).backward()
             loss_total += loss.item() / n_groups
@@ -210,7 +263,7 @@ class Learner:
         self.optimizer.step()
         self.version += 1
         n = max(1, len(stats["ce"]))
-        return {
+        out = {
             "loss": loss_total,
             "kl_per_token": sum(stats["kl_per_token"]) / n,
             "kl_per_sequence": sum(stats["kl_per_sequence"]) / n,
@@ -223,9 +276,15 @@ class Learner:
             "grad_norm": float(grad_norm),
             "lr": lr,
             "num_samples": len(stats["ce"]),
+            # samples whose pi_ref pass ran ahead of the update (prepare_reference), of num_samples
+            "reference_ahead_fraction": 1.0 - self._ran_reference / n if stats["ce"] else 0.0,
             "version": self.version,
             "update_s": time.perf_counter() - t0,
         }
+        if self.metrics is not None:
+            self.metrics.set(self.metrics.select(out))
+            self.metrics.observe("learner_update_compute_seconds", out["update_s"])
+        return out
 
     @torch.no_grad()
     def _reference_logits(self, ids: torch.Tensor, attention: torch.Tensor, keep: torch.Tensor | int) -> torch.Tensor:

@@ -45,6 +45,7 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayError
 
 from brainloop.errors import RewardPoolStalled, RunFailure, short_cause
+from brainloop.metrics import RunMetrics
 from brainloop.types import ScoreResult
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class RewardPool:
         max_in_flight_per_worker: int = 2,
         autoscale: Any = None,
         control: ray.actor.ActorHandle | None = None,
-        metrics: Any = None,
+        metrics: RunMetrics | None = None,
         release: Callable[[ray.actor.ActorHandle], None] | None = None,
     ) -> None:
         """``autoscale``: an ``AutoscaleConfig`` (None: fixed size); ``control``: a ``PoolControl``
@@ -601,7 +602,7 @@ class RewardPool:
         self._published = now
         s = self.status()
         if self._metrics is not None:
-            self._metrics.gauges("reward-pool", {
+            self._metrics.set({
                 "pool_target_workers": s["target"], "pool_alive_workers": s["alive"],
                 "pool_pending_workers": s["pending"], "pool_starting_workers": s["starting"],
                 "pool_restarting_workers": s["restarting"], "pool_draining_workers": s["draining"],

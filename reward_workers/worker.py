@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
+from brainloop.metrics import RunMetrics
 from brainloop.types import ScoreResult
 
 
 class RewardWorker:
     def __init__(self, pipeline: dict, spec: dict, name: str, use_cache: bool = True,
-                 prediction_dir: str | None = None) -> None:
+                 prediction_dir: str | None = None, metrics: RunMetrics | None = None) -> None:
         from reward_workers.pipeline import build_pipeline
 
         self.name = name
         self.prediction_dir = prediction_dir
+        self.metrics = metrics
         self.pipeline = build_pipeline(pipeline, spec, use_cache=use_cache)
 
     def ping(self) -> dict:
@@ -26,8 +29,15 @@ class RewardWorker:
                 "encoder_trained": self.pipeline.encoder_trained}
 
     def score(self, text: str) -> ScoreResult:
+        started = time.perf_counter()
         result = self.pipeline.score(text, self.prediction_dir)
         result.worker = self.name
+        if self.metrics is not None:  # latency is reported where it is spent
+            if not result.cache_hit:  # a cache hit carries the timings of the run that scored it
+                for stage, seconds in result.timings.items():
+                    self.metrics.observe("reward_stage_seconds", seconds, stage=stage)
+            self.metrics.observe("reward_text_seconds", time.perf_counter() - started,
+                                 status="cache_hit" if result.cache_hit else result.status)
         return result
 
     def score_batch(self, texts: list[str]) -> list[ScoreResult]:

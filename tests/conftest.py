@@ -12,6 +12,8 @@ private cluster of the job entrypoint) start it in a subprocess and never touch 
 from __future__ import annotations
 
 import os
+import random
+import socket
 import time
 
 import pytest
@@ -20,8 +22,28 @@ import ray
 # What the reward workers and the sampler need from the test's environment (offline hub, atlas, caches).
 ENV_KEYS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NILEARN_DATA", "BRAINLOOP_CACHE", "HF_HOME")
 CPUS = 4  # sampler + learner + two reward workers, as the demo config asks (logical CPUs, not cores)
-DASHBOARD_PORT = 18265  # tests/test_monitoring.py reads the dashboard and the metrics endpoint
-METRICS_PORT = 18280
+
+
+def _free_ports(count: int, low: int = 18200, high: int = 19000) -> list[int]:
+    """``count`` ports free now on 127.0.0.1, from a range below the kernel's ephemeral ports (where
+    other tests' fixed ports live), starting at a random place: two pytest sessions on one machine
+    get different ports."""
+    start = random.randrange(low, high)
+    found: list[int] = []
+    for port in (low + (start - low + i) % (high - low) for i in range(high - low)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise RuntimeError(f"no {count} free ports in [{low}, {high})")
+
+
+# tests/test_monitoring.py reads this session's dashboard and metrics endpoint.
+DASHBOARD_PORT, METRICS_PORT = _free_ports(2)
 
 
 def _start() -> ray.runtime_context.RuntimeContext:

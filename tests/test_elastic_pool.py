@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from brainloop.metrics import RunMetrics
 from tests.conftest import ENV_KEYS
 from tests.ray_heads import head_env, local_head
 
@@ -59,15 +60,17 @@ pytestmark = pytest.mark.slow
 # ---- the driver side (runs in its own process) ----------------------------------------------------------
 
 
-class _Recorder:
-    """Stands in for RunMetrics: keeps what the pool exports."""
+class _Recorder(RunMetrics):
+    """The pool's RunMetrics, keeping what it exports (names still checked against the documented set)."""
 
     def __init__(self) -> None:
+        super().__init__("elastic", "reward-pool")
         self.seen: dict[str, float] = {}
 
-    def gauges(self, role: str, values: dict, prefix: str = "") -> None:
-        assert role == "reward-pool"
-        self.seen.update({prefix + k: float(v) for k, v in values.items()})
+    def set(self, values: dict) -> None:
+        for name in values:
+            self._spec(name, "gauge")
+        self.seen.update({k: float(v) for k, v in values.items()})
 
 
 def _cli(pool, args: list[str], env: dict[str, str]) -> dict:

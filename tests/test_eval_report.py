@@ -23,6 +23,7 @@ from brainloop import stats
 from brainloop.cli import main as cli_main
 from brainloop.config import dump_config, load_config
 from brainloop.evaluate import MEASURES, MODELS, measure_column
+from brainloop.metrics import BY_NAME
 from brainloop.rois import ROI_NAMES, SUMMARY_NAMES
 from brainloop.rollout_log import RunFiles
 
@@ -124,6 +125,12 @@ def test_grafana_dashboard_queries_what_brainloop_exports() -> None:
     assert "ray_brainloop_reward_stage_seconds_bucket" in text and "by (le, stage)" in text
     names = set(re.findall(r"\b(ray_\w+|brainloop_\w+)", text))
     assert all(n.startswith("ray_brainloop_") for n in names), names
+    # Only documented metrics (brainloop.metrics), each filtered by the role that reports it.
+    for name, selector in re.findall(r"\bray_brainloop_(\w+)\{([^}]*)\}", text):
+        base = re.sub(r"_(bucket|sum|count)$", "", name) if BY_NAME.get(name) is None else name
+        assert base in BY_NAME, name
+        role = re.search(r'role="([^"]*)"', selector)
+        assert role is None or role.group(1) == BY_NAME[base].role, (name, selector)
     for e in exprs:
         assert e.count("(") == e.count(")") and e.count("{") == e.count("}"), e
         assert "$run" in e  # every query follows the run selector

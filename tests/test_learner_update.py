@@ -80,6 +80,37 @@ def test_update_equals_the_previous_update_in_float32():
     assert diffs["grad"] <= 5e-5, diffs
 
 
+def test_pi_ref_prepared_ahead_gives_the_same_update_bit_for_bit():
+    """prepare_reference (run while the rewards are computed) leaves the update only the policy's pass;
+    loss, statistics and gradients are those of the update that runs pi_ref itself, to the last bit.
+    A sample the update does not find (here: one whose completion changed) is run in the update."""
+    inline = _learner(Learner, torch.float32)
+    inline_stats, inline_grads = _update(inline)
+    assert inline_stats["reference_ahead_fraction"] == 0.0
+
+    ahead = _learner(Learner, torch.float32)
+    groups = demo_groups(ahead, version=1, off_policy=True, lengths=LENGTHS)
+    done = ahead.prepare_reference(5, [[(s.prompt_ids, s.completion_ids) for s in g.samples] for g in groups])
+    assert done["samples"] == sum(len(g.samples) for g in groups)
+    ahead.prepare_reference(3, [[(groups[0].samples[0].prompt_ids, [1, 2, 3])]])  # a step never updated
+    stats = ahead.update(groups, step=5)
+    grads = {n: p.grad.detach().clone() for n, p in ahead.model.named_parameters() if p.requires_grad}
+    assert stats["reference_ahead_fraction"] == 1.0
+    assert ahead._prepared == {}  # this step's states are used once, older steps' dropped
+    for key in (*STATS, "is_weights", "base_nll"):
+        assert stats[key] == inline_stats[key], key
+    assert all(torch.equal(grads[n], inline_grads[n]) for n in grads)
+
+    partly = _learner(Learner, torch.float32)
+    groups = demo_groups(partly, version=1, off_policy=True, lengths=LENGTHS)
+    pairs = [[(s.prompt_ids, s.completion_ids) for s in g.samples] for g in groups]
+    pairs[1][0] = (pairs[1][0][0], pairs[1][0][1][:-1])  # not what the update will see
+    partly.prepare_reference(0, pairs)
+    stats = partly.update(groups, step=0)
+    assert stats["reference_ahead_fraction"] == 0.5  # the second group's micro-batch ran pi_ref itself
+    assert stats["loss"] == inline_stats["loss"] and stats["kl_per_token"] == inline_stats["kl_per_token"]
+
+
 def test_gradient_reaches_the_lora_weights_through_the_shared_prompts_keys_and_values(float64_runs):
     """The float64 equality above covers the prompt's share of the gradient: with the prompt's keys
     and values cut from the graph (detached at prompt positions in every layer) the gradient moves
@@ -132,4 +163,6 @@ def test_learner_update_bench_quick(tmp_path):
     summary = report["summary"]
     assert summary["old_update_s_mean"] > 0 and summary["new_update_s_mean"] > 0
     assert summary["max_rel_diff"] < 1e-4  # same samples, same result
+    assert summary["ahead_equals_new_every_round"] is True  # pi_ref ahead: bit for bit the same update
+    assert 0 < summary["ahead_update_s_mean"] and 0 < summary["ahead_prepare_s_mean"]
     assert {"name", "value", "goal", "met", "why_missed"} <= set(report["targets"][0])
