@@ -728,7 +728,7 @@ class Loop:
         with self._writing("metrics.jsonl"):
             self.files.append_metrics({"probe": probe.__dict__, "step": self.state.step - 1})
         self.metrics.set({"probe_sampler_vs_learner": probe.sampler_vs_learner,
-                                       "probe_adapter_vs_base": probe.adapter_vs_base})
+                          "probe_adapter_vs_base": probe.adapter_vs_base})
 
     def _checkpoint(self, step: int, in_flight: list[PendingGeneration]) -> None:
         """``in_flight``: generations of later steps already launched (max_staleness >= 1); a resume

@@ -62,7 +62,6 @@ class Learner:
         self.version = 0  # number of updates applied; version 0 is the base model (LoRA B = 0)
         # step -> {(prompt ids, completion ids): pi_ref's last hidden states at its completion positions}
         self._prepared: dict[int, dict[tuple[tuple[int, ...], tuple[int, ...]], torch.Tensor]] = {}
-        self._ran_reference = 0  # samples of the current update whose pi_ref pass ran in it
 
     # ---- the update -------------------------------------------------------------------------
     def _decoder_and_head(self) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -191,10 +190,10 @@ class Learner:
         ids, positions, allowed, where = packed
         completions, mask, sampler_logp = completions.to(dev), mask.to(dev), sampler_logp.to(dev)
         keep = mask.bool()  # only completion tokens reach the vocabulary (never padding)
-        ahead = [prepared.get(self._key(s)) for s in samples] if prepared else [None]
-        if any(h is None for h in ahead):
+        ahead = [prepared.get(self._key(s)) for s in samples] if prepared else []
+        ran_reference = not ahead or any(h is None for h in ahead)
+        if ran_reference:
             ahead = self._reference_hidden(packed, samples)
-            self._ran_reference += len(samples)
         ref_hidden = torch.cat(ahead)  # (sum of completion lengths, H): the order of where[keep]
         decoder, head = self._decoder_and_head()
         hidden = self._hidden(decoder, ids, positions, allowed)[where[keep]]
@@ -212,7 +211,8 @@ class Learner:
                                    for v in (tok, kl, rho, ref_tok))  # back to (n, C)
         return loss, {"ce": -algo.masked_mean(logp, mask), "kl_per_token": algo.masked_mean(kl, mask),
                       "kl_per_sequence": (kl * mask).sum(-1), "is_weight": algo.masked_mean(rho, mask),
-                      "base_nll": -algo.masked_mean(ref_logp, mask)}
+                      "base_nll": -algo.masked_mean(ref_logp, mask),
+                      "ran_reference": torch.full((n,), float(ran_reference))}
 
     @staticmethod
     def _micro_batches(groups: list[TrainGroup], micro: int) -> Iterator[tuple[list[list[TrainSample]], list[int]]]:
@@ -238,7 +238,6 @@ class Learner:
         prepared = self._prepared.pop(step, None) if step is not None else None
         for old in [s for s in self._prepared if step is not None and s < step]:
             del self._prepared[old]  # steps that never reached an update (all their samples failed)
-        self._ran_reference = 0
         self.model.train()
         lr = algo.lr_at(self.version, self.cfg["lr"], self.cfg["warmup_steps"], self.total_steps,
                         self.cfg["min_lr_ratio"])
@@ -246,7 +245,7 @@ class Learner:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         stats: dict[str, list[float]] = {"kl_per_token": [], "kl_per_sequence": [], "ce": [], "is_weight": [],
-                                         "base_nll": []}
+                                         "base_nll": [], "ran_reference": []}
         loss_total = 0.0
         n_groups = max(1, len(groups))
         micro = self.cfg["micro_batch_size"]
@@ -277,7 +276,7 @@ class Learner:
             "lr": lr,
             "num_samples": len(stats["ce"]),
             # samples whose pi_ref pass ran ahead of the update (prepare_reference), of num_samples
-            "reference_ahead_fraction": 1.0 - self._ran_reference / n if stats["ce"] else 0.0,
+            "reference_ahead_fraction": 1.0 - sum(stats["ran_reference"]) / n if stats["ce"] else 0.0,
             "version": self.version,
             "update_s": time.perf_counter() - t0,
         }
