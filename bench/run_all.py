@@ -26,8 +26,8 @@ from typing import Any
 
 from bench.common import RESULTS_DIR, ROOT, fmt, load_average, machine_info, table, write_json
 
-BENCHES = ("reward_pipeline", "pool_scaling", "adapter_push", "learner_memory", "learner_update", "loop_speed",
-           "pool_autoscale", "trl_grpo")
+BENCHES = ("reward_pipeline", "pool_scaling", "adapter_push", "learner_memory", "learner_update", "sampler_lora",
+           "loop_speed", "pool_autoscale", "trl_grpo")
 MAX_FALLBACK_ITEMS = 15
 
 

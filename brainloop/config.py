@@ -62,6 +62,9 @@ class SamplerConfig(Section):
     resources: dict[str, float] = Field(default_factory=dict)  # custom resources, e.g. {"policy_node": 0.01}
     cpu_threads: int | None = None
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    # vLLM-CPU only: "grouped" applies each LoRA adapter with one matmul per adapter in the batch
+    # (actors/vllm_cpu_lora.py); "vllm" keeps vLLM's per-token weight gather (2.5x slower sampling).
+    cpu_lora_ops: Literal["grouped", "vllm"] = "grouped"
 
 
 class LearnerConfig(Section):

@@ -282,7 +282,7 @@ class Loop:
         ).remote(cfg.policy.model, engine=cfg.sampler.engine, max_lora_rank=max(8, cfg.policy.lora.r),
                  max_loaded_adapters=cfg.sampler.max_loaded_adapters, max_model_len=cfg.sampler.max_model_len,
                  seed=cfg.run.seed, dtype=cfg.policy.dtype, cpu_threads=cfg.sampler.cpu_threads,
-                 gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
+                 gpu_memory_utilization=cfg.sampler.gpu_memory_utilization, cpu_lora_ops=cfg.sampler.cpu_lora_ops,
                  metrics=RunMetrics(cfg.run.name, "sampler"))
         self.learner = ray.remote(Learner).options(
             name="learner", num_cpus=cfg.learner.num_cpus, num_gpus=cfg.learner.num_gpus, runtime_env=env,

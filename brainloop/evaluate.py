@@ -138,7 +138,7 @@ def generate_both(cfg: Any, adapter: Path, prompts: list[str], settings: Samplin
         cfg.policy.model, engine=settings.engine, max_lora_rank=max(8, rank, cfg.policy.lora.r),
         max_loaded_adapters=1, max_model_len=cfg.sampler.max_model_len, seed=settings.seed,
         dtype=cfg.policy.dtype, cpu_threads=cfg.sampler.cpu_threads,
-        gpu_memory_utilization=cfg.sampler.gpu_memory_utilization,
+        gpu_memory_utilization=cfg.sampler.gpu_memory_utilization, cpu_lora_ops=cfg.sampler.cpu_lora_ops,
     )
     try:
         sampler.load_adapter(1, str(adapter))

@@ -147,6 +147,17 @@ def test_adapter_push_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_sampler_lora_quick(tmp_path):
+    """vLLM's LoRA ops and the grouped ones sample the same tokens under one seed; all three timed."""
+    report = _run("bench.sampler_lora", tmp_path / "lora.json", 480)
+    summary = report["summary"]
+    _positive(summary, ["base_seconds", "vllm_seconds", "grouped_seconds", "grouped_over_vllm", "grouped_over_base"])
+    assert summary["identical_fraction"] == 1.0 and summary["max_logprob_diff"] < 1e-3
+    assert {r["variant"] for r in report["rows"]} == {"base", "vllm", "grouped"}
+    assert all(r["tokens"] > 0 for r in report["rows"])
+
+
+@pytest.mark.slow
 def test_learner_memory_quick(tmp_path):
     report = _run("bench.learner_memory", tmp_path / "mem.json", 480)
     (comparison,) = report["comparisons"]

