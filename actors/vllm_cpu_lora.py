@@ -17,7 +17,9 @@ of a batched matrix-vector product): within 1e-6 relative in tests/test_vllm_cpu
 ``use("grouped")`` puts them into ``vllm.lora.punica_wrapper.punica_cpu`` (the only module that
 calls them on CPU; its methods look the names up at call time), ``use("vllm")`` puts vLLM's back.
 The grouped ops are only used on the vLLM version they were written against and checked on; on any
-other version vLLM's stay and a warning says why.
+other version vLLM's stay and a warning says why. The swap acts in the process that makes it: the
+in-process engine brainloop runs (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), or an engine process forked
+from it; a spawned engine process would keep vLLM's ops.
 """
 
 from __future__ import annotations
