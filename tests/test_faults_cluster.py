@@ -43,17 +43,30 @@ pytestmark = pytest.mark.slow
 
 
 def head_processes(gcs_port: str) -> list[psutil.Process]:
-    """Every process of the head: ray_local.sh marks them (raylet, agents, workers inherit the marker)."""
+    """Every process of the head: those ray_local.sh marks, and their descendants.
+
+    The marker (an environment variable) reaches the GCS, the raylet and the workers, but
+    /proc/PID/environ is not a reliable witness for every process: Ray renames some (e.g.
+    ``ray::DashboardAgent``) with setproctitle, which can overwrite the memory that file shows. Such a
+    process is still a child of the marked raylet, so descendants count too. (Looking only for the
+    marker, the agent's ports were sometimes never seen and this test waited 13 minutes, then failed.)
+    """
     marker = f"BRAINLOOP_RAY_HEAD={gcs_port}".encode()
-    found = []
+    found: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["pid"]):
         try:
             with open(f"/proc/{proc.pid}/environ", "rb") as handle:
                 if marker in handle.read().split(b"\0"):
-                    found.append(proc)
+                    found[proc.pid] = proc
         except OSError:
             continue
-    return found
+    for proc in list(found.values()):
+        try:
+            for child in proc.children(recursive=True):
+                found.setdefault(child.pid, child)
+        except psutil.Error:
+            continue
+    return list(found.values())
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +154,8 @@ def test_local_head_listens_on_loopback_only(head):
             assert time.monotonic() < deadline, job_logs("listen-check")[-2000:]
             time.sleep(1)
         actor_pid = int(found.group(1))
-        # Under load the dashboard agent opens its ports (agent, metrics) late, after the actor runs (in a
-        # full suite run on two busy cores once more than 5 minutes late): list the sockets until every
-        # expected one is there (then check them all), or fail at the deadline.
+        # The dashboard agent may open its ports (agent, metrics) after the actor runs: list the sockets
+        # until every expected one is there (then check them all), or fail at the deadline.
         wanted = {6490, 8365, 52490, 8190, 20490}  # GCS, dashboard, agent, metrics, client server
         while True:
             pids = {p.pid: p.name() for p in head_processes(PORTS["BRAINLOOP_RAY_PORT"])}
