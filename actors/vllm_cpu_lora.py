@@ -5,7 +5,7 @@ weight matrix for every token (``weights[token_indices]``: tokens x out x in flo
 call) and then contract it with ``einsum("bi,boi->bo")``. A batch almost always runs one adapter,
 so the gather copies the same matrix once per token. On SmolLM2-135M with a rank-16 adapter on four
 projections (2 prompts x 4 samples x 64 tokens, one thread) that gather was half the sampler's CPU
-time, and sampling with an adapter took 2.5x the base model's time
+time, and sampling with an adapter took 2-2.5x the base model's time
 (``python -m bench.sampler_lora``).
 
 The functions here have the same signatures and the same semantics as vLLM's: row t of the result
