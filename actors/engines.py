@@ -76,8 +76,9 @@ class VllmEngine:
         enforce_eager: bool | None,
         cpu_lora_ops: str = "grouped",
     ) -> None:
-        if cpu_lora_ops not in ("grouped", "vllm"):
-            raise ValueError(f"cpu_lora_ops must be 'grouped' or 'vllm', got {cpu_lora_ops!r}")
+        from actors import vllm_cpu_lora
+
+        vllm_cpu_lora.check_ops(cpu_lora_ops)  # on GPU too, where the ops are never swapped
         # In-process engine core: no extra processes to place or to leak, and on CPU the only mode
         # that works reliably inside a Ray actor. Must be set before vLLM reads its env.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -92,8 +93,6 @@ class VllmEngine:
                 # torch.set_num_threads); VLLM_CPU_OMP_THREADS_BIND only applies to its
                 # multiprocess executor. Inside a Ray actor OMP_NUM_THREADS = the actor's num_cpus.
                 torch.set_num_threads(cpu_threads)
-            from actors import vllm_cpu_lora
-
             vllm_cpu_lora.use(cpu_lora_ops)
             if kv_cache_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES

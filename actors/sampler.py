@@ -39,6 +39,7 @@ from typing import Any
 
 from actors.engines import preserved_global_rng
 from brainloop.metrics import RunMetrics
+from brainloop.threads import torch_threads
 from brainloop.types import Completion
 
 ENGINES = ("vllm", "transformers")
@@ -330,13 +331,15 @@ class Sampler:
         *,
         seed: int,
         version: int | None = None,
+        cpu_threads: int | None = None,
     ) -> list[list[Completion]]:
         """Sample ``n`` completions per prompt; result[i][j] is sample j of prompt i.
 
         ``version=None`` uses the newest loaded adapter, 0 the base model. The same seed, version
         and arguments give the same completions (per-sample seeds, see ``sample_seed``).
         ``top_k=0`` and ``top_p=1.0`` disable truncation (transformers would otherwise default to
-        top_k=50).
+        top_k=50). ``cpu_threads``: torch threads for this call only (``sampler.cpu_threads_alone``
+        when nothing else runs beside it); None keeps the engine's.
         """
         if n < 1 or n > MAX_N:
             raise ValueError(f"n must be in [1, {MAX_N}], got {n}")
@@ -354,17 +357,18 @@ class Sampler:
                     f"max_model_len {self.max_model_len}"
                 )
         seeds = [sample_seed(seed, i, 0, n) for i in range(len(prompts))]
-        raw = self._engine.generate(
-            prompt_ids,
-            n=n,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seeds=seeds,
-            version=used,
-            name=adapter_name(used) if used else None,
-        )
+        with torch_threads(cpu_threads) as threads:
+            raw = self._engine.generate(
+                prompt_ids,
+                n=n,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seeds=seeds,
+                version=used,
+                name=adapter_name(used) if used else None,
+            )
         results: list[list[Completion]] = []
         for i, samples in enumerate(raw):
             row = []
@@ -381,7 +385,7 @@ class Sampler:
         if self.metrics is not None:
             seconds = finished_at - started_at
             tokens = sum(len(c.token_ids) for row in results for c in row)
-            self.metrics.set({"tokens_per_second": tokens / max(seconds, 1e-6)})
+            self.metrics.set({"tokens_per_second": tokens / max(seconds, 1e-6), "sampler_threads": threads})
             self.metrics.observe("sampler_generate_seconds", seconds)
         return results
 

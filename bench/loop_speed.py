@@ -254,7 +254,7 @@ class BenchLoop(Loop):
             out.append({"step": m["step"], "wall_seconds": m["time"] - prev,
                         "cpu_seconds": meter.between(prev, m["time"]),
                         "cpu_by_role": meter.roles_between(prev, m["time"]),
-                        "learner_update_seconds": m.get("update_s"),
+                        "learner_update_seconds": m.get("update_s"), "update_threads": m.get("update_threads"),
                         "sample_seconds": m["sample_seconds"], "reward_seconds": m["reward_seconds"],
                         "update_seconds": m["update_seconds"], "loop_step_seconds": m["step_seconds"],
                         "reward_latency_seconds": m.get("reward_latency_seconds"),
@@ -521,6 +521,8 @@ def run_bench(cfg: Config, rounds: int, per_block: int, cores: int, quick: bool 
             "reference_threads": cores, "step_seconds": "wall time between consecutive step ends; ratios use "
                                                         "the mean over measured steps (throughput)",
             "sampler_cpu_threads": cfg.sampler.cpu_threads, "learner_cpu_threads": cfg.learner.cpu_threads,
+            "sampler_cpu_threads_alone": cfg.sampler.cpu_threads_alone,  # sync mode only
+            "learner_cpu_threads_alone": cfg.learner.cpu_threads_alone,
             "reward_torch_threads": cfg.reward.pipeline.torch_threads, "reward_latency": reward_latency,
             "env": {k: os.environ.get(k) for k in THREAD_ENV},
         },

@@ -368,6 +368,12 @@ def run_bench(cfg, rounds: int, per_block: int, cores: int, quick: bool) -> dict
                      "order": [f"{v}@{r}" for r, v in schedule(rounds, VARIANTS)], "reward_cache": False,
                      "cores": cores,
                      "trl_threads": cores, "step_seconds": "wall time between consecutive step ends",
+                     # sync runs sampling and the update alone (*_alone); async overlaps them (cpu_threads)
+                     "brainloop_threads": {"sampler": cfg.sampler.cpu_threads,
+                                           "sampler_alone": cfg.sampler.cpu_threads_alone,
+                                           "learner": cfg.learner.cpu_threads,
+                                           "learner_alone": cfg.learner.cpu_threads_alone,
+                                           "reward_worker": cfg.reward.pipeline.torch_threads},
                      "niceness": "TRL's process runs at the nice value of the Loop's Ray actors (actor_niceness)"},
         "trl_overrides": {k: {"value": v, "why": why} for k, (v, why) in TRL_OVERRIDES.items()},
         "trl": trl_meta, "total_wall_seconds": time.time() - t_start,

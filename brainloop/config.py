@@ -61,6 +61,8 @@ class SamplerConfig(Section):
     num_gpus: float = Field(0.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict)  # custom resources, e.g. {"policy_node": 0.01}
     cpu_threads: int | None = None
+    # Threads while sampling runs alone (synchronous mode: nothing else works during it); null = cpu_threads.
+    cpu_threads_alone: int | None = Field(None, ge=1)
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     # vLLM-CPU only: "grouped" applies each LoRA adapter with one matmul per adapter in the batch
     # (actors/vllm_cpu_lora.py); "vllm" keeps vLLM's per-token weight gather (2.5x slower sampling).
@@ -79,6 +81,8 @@ class LearnerConfig(Section):
     num_gpus: float = Field(0.0, ge=0.0)
     resources: dict[str, float] = Field(default_factory=dict)
     cpu_threads: int | None = None
+    # Threads while the update runs alone (synchronous mode: nothing else works during it); null = cpu_threads.
+    cpu_threads_alone: int | None = Field(None, ge=1)
     # Run pi_ref's pass over a step's completions when they are sampled (while the reward pool scores
     # them) instead of inside the update; the same numbers, off the update's path.
     reference_ahead: bool = True

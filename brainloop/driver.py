@@ -399,7 +399,7 @@ class Loop:
         ref = self.sampler.generate.remote(
             [p.text for p in prompts], n=cfg.sampler.num_completions, max_new_tokens=cfg.sampler.max_new_tokens,
             temperature=temperature, top_p=cfg.sampler.top_p, top_k=cfg.sampler.top_k,
-            seed=cfg.run.seed * 1_000_003 + step, version=version)
+            seed=cfg.run.seed * 1_000_003 + step, version=version, cpu_threads=self.sample_threads)
         expected = version if version is not None else self._newest_pushed()
         return PendingGeneration(step, prompts, temperature, ref, time.time(), expected)
 
@@ -515,6 +515,11 @@ class Loop:
         self._start_actors()
         self._prepare_probe()
         self._scoring: dict[int, ScoringBatch] = {}
+        # Synchronous steps sample, then score, then update: sampling and the update each run with the
+        # other roles idle and may use their cores (*.cpu_threads_alone). Pipelined steps overlap them.
+        alone = self.cfg.algo.max_staleness == 0
+        self.sample_threads = self.cfg.sampler.cpu_threads_alone if alone else None
+        self.update_threads = self.cfg.learner.cpu_threads_alone if alone else None
         in_flight = self._restore()
         schedule = (PipelinedSchedule(self, in_flight, self.cfg.algo.max_staleness) if self.cfg.algo.max_staleness
                     else Schedule(self, in_flight))
@@ -545,7 +550,7 @@ class Loop:
         t_scored = time.time()
         groups, rows = self._build_update(step, batch)  # rewards -> advantages -> samples (algo.build_groups)
         self._check_failure_budget(step, rows)
-        update_ref = self.learner.update.remote(groups, step) if groups else None  # update
+        update_ref = self.learner.update.remote(groups, step, self.update_threads) if groups else None  # update
         schedule.while_updating(update_ref)  # pipelined: check the last probe, score the next step meanwhile
         update_stats = self._collect_update(update_ref, rows, batch)
         if update_ref is not None:

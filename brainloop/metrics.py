@@ -72,6 +72,8 @@ METRICS: tuple[Metric, ...] = (
     *_driver(),
     Metric("tokens_per_second", "sampler", "tokens/s", "generated tokens per second of the last generate call"),
     Metric("sampler_generate_seconds", "sampler", "s", "wall time of one generate call", kind="histogram"),
+    Metric("sampler_threads", "sampler", "threads", "torch CPU threads of the last generate call "
+           "(sampler.cpu_threads_alone in synchronous mode)"),
     Metric("sampler_adapter_version", "sampler", "version", "newest adapter version the sampler holds"),
     Metric("loss", "learner", "", "the update's loss (groups averaged)"),
     Metric("kl_per_token", "learner", "nats/token", "exact KL(policy || base) per completion token"),
@@ -81,6 +83,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("grad_norm", "learner", "", "gradient norm before clipping"),
     Metric("lr", "learner", "", "learning rate of the update"),
     Metric("version", "learner", "version", "adapter version after the update"),
+    Metric("update_threads", "learner", "threads", "torch CPU threads of the update "
+           "(learner.cpu_threads_alone in synchronous mode)"),
     Metric("reference_ahead_fraction", "learner", "ratio",
            "samples of the update whose pi_ref pass ran ahead of it (learner.reference_ahead)"),
     Metric("reference_ahead_seconds", "learner", "s", "the learner's time in pi_ref's pass over one step, ahead of "

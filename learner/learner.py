@@ -27,6 +27,7 @@ import torch
 from brainloop import algo
 from brainloop.metrics import RunMetrics
 from brainloop.models import resolve_model
+from brainloop.threads import torch_threads
 from brainloop.types import TrainGroup, TrainSample
 
 log = logging.getLogger(__name__)
@@ -231,9 +232,15 @@ class Learner:
                 segments[-1].append(sample)
             yield segments, sizes
 
-    def update(self, groups: list[TrainGroup], step: int | None = None) -> dict[str, float]:
+    def update(self, groups: list[TrainGroup], step: int | None = None,
+               cpu_threads: int | None = None) -> dict[str, float]:
         """One optimizer step over every valid sample of the step's groups; ``step``: the step whose
-        ``prepare_reference`` holds pi_ref's pass (None: run it here)."""
+        ``prepare_reference`` holds pi_ref's pass (None: run it here). ``cpu_threads``: torch threads
+        for this update only (``learner.cpu_threads_alone`` when nothing else runs beside it)."""
+        with torch_threads(cpu_threads):
+            return self._update(groups, step)
+
+    def _update(self, groups: list[TrainGroup], step: int | None) -> dict[str, float]:
         t0 = time.perf_counter()
         prepared = self._prepared.pop(step, None) if step is not None else None
         for old in [s for s in self._prepared if step is not None and s < step]:
@@ -278,6 +285,7 @@ class Learner:
             # samples whose pi_ref pass ran ahead of the update (prepare_reference), of num_samples
             "reference_ahead_fraction": 1.0 - sum(stats["ran_reference"]) / n if stats["ce"] else 0.0,
             "version": self.version,
+            "update_threads": torch.get_num_threads(),
             "update_s": time.perf_counter() - t0,
         }
         if self.metrics is not None:

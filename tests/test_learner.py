@@ -49,6 +49,30 @@ def test_micro_batches_across_groups_give_the_same_update():
         assert max((grads[n] - ref_grads[n]).abs().max().item() for n in grads) <= 1e-5 * scale, micro
 
 
+def test_update_threads_for_one_update():
+    """``cpu_threads`` (learner.cpu_threads_alone in synchronous mode) applies to one update only and
+    is reported; the update is the one-thread update up to float reordering."""
+    cfg = load_config(CONFIG)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        results = {}
+        for threads in (None, 2):
+            learner = Learner(cfg.policy.model_dump(), cfg.learner.model_dump(), 10, 0, cfg.algo.model_dump())
+            stats = learner.update(_groups(), cpu_threads=threads)
+            assert torch.get_num_threads() == 1
+            results[threads] = (stats, {n: p.grad.detach().clone() for n, p in learner.model.named_parameters()
+                                        if p.requires_grad})
+    finally:
+        torch.set_num_threads(before)
+    (one, one_grads), (two, two_grads) = results[None], results[2]
+    assert (one["update_threads"], two["update_threads"]) == (1, 2)
+    for key in ("loss", "kl_per_token", "ce", "grad_norm"):
+        assert abs(two[key] - one[key]) <= 1e-5 * max(1.0, abs(one[key])), key
+    scale = max(g.abs().max().item() for g in one_grads.values())
+    assert max((two_grads[n] - one_grads[n]).abs().max().item() for n in one_grads) <= 1e-5 * scale
+
+
 def test_state_round_trip_restores_the_cpu_and_cuda_generators(monkeypatch, caplog):
     cfg = load_config(CONFIG)
     learner = Learner(cfg.policy.model_dump(), cfg.learner.model_dump(), 10, 0, cfg.algo.model_dump())

@@ -40,6 +40,8 @@ def test_three_steps_then_resume_matches_uninterrupted(ray_cluster, tmp_path):
     assert all(m["kl_per_token"] >= 0 for m in steps)
     # pi_ref's pass ran on the learner while the step was scored, not in the update
     assert all(m["reference_ahead_fraction"] == 1.0 and m["reference_ahead_seconds"] > 0 for m in steps)
+    # synchronous: the update runs alone, with learner.cpu_threads_alone (configs/demo.yaml: 2)
+    assert [m["update_threads"] for m in steps] == [2] * 4
     # The final adapter is a PEFT adapter.
     from peft import PeftConfig
 
@@ -70,6 +72,7 @@ def test_async_resume_relaunches_in_flight_generations_from_their_adapters(ray_c
     assert list(full.groupby("step")["adapter_version"].max()) == [0, 0, 1, 2]  # one version behind
     steps = [m for m in map(json.loads, (full_dir / "metrics.jsonl").read_text().splitlines()) if "reward_mean" in m]
     assert [m["reference_ahead_fraction"] for m in steps] == [1.0] * 4  # step t+1's pi_ref pass after update t
+    assert [m["update_threads"] for m in steps] == [1] * 4  # overlapping roles keep learner.cpu_threads
     run_loop(cfg, cut_dir, stop_after=3)
     ckpt = cut_dir / "checkpoints" / "step_000001"  # after step 1 (learner v2); step 2 samples from v1
     driver = json.loads((ckpt / "driver.json").read_text())

@@ -356,6 +356,27 @@ def test_vllm_grouped_lora_ops_sample_as_vllms_own(vllm_sampler: Sampler, adapte
     assert max(abs(x - y) for a, b in pairs for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
 
 
+def test_generate_threads_for_one_call(sampler: Sampler, monkeypatch) -> None:
+    """``cpu_threads`` applies to the engine's work in this call only, after vLLM-CPU has blocked
+    ``torch.set_num_threads``; the samples are those of the engine's own thread count."""
+    import torch
+
+    seen: list[int] = []
+    engine_generate = sampler._engine.generate
+
+    def counting(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return engine_generate(*args, **kwargs)
+
+    monkeypatch.setattr(sampler._engine, "generate", counting)
+    own = sampler.generate(PROMPTS, n=2, max_new_tokens=16, temperature=1.0, seed=31)
+    two = sampler.generate(PROMPTS, n=2, max_new_tokens=16, temperature=1.0, seed=31, cpu_threads=2)
+    assert seen == [1, 2] and torch.get_num_threads() == 1
+    pairs = [(a, b) for ra, rb in zip(own, two, strict=True) for a, b in zip(ra, rb, strict=True)]
+    assert all(a.token_ids == b.token_ids for a, b in pairs)
+    assert max(abs(x - y) for a, b in pairs for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+
+
 # ---------------------------------------------------------------------------- Ray actor
 
 
