@@ -175,7 +175,8 @@ class Sampler:
     ``engine="vllm"`` runs vLLM in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` is set if unset;
     inside a Ray actor that is the robust mode on CPU); ``engine="transformers"`` uses
     ``generate`` with PEFT adapters. ``cpu_threads`` caps torch/OpenMP threads on CPU (vLLM-CPU
-    keeps the thread count it finds at construction, and slows sharply when cores are shared);
+    keeps the thread count it finds at construction, and slows sharply when cores are shared;
+    ``generate(cpu_threads=)`` changes it for one call, see ``brainloop.threads``);
     ``kv_cache_bytes`` sets vLLM-CPU's KV cache (default 512 MiB on CPU — without it vLLM reserves
     ``gpu_memory_utilization`` of *system* RAM). ``cpu_lora_ops="grouped"`` (default) has vLLM-CPU
     apply an adapter with one matmul per adapter in the batch instead of a weight gather per token
