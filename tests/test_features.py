@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from brainloop.threads import set_torch_threads
 from reward_workers.binning import (
     bin_word_features,
     layer_group_bounds,
@@ -124,9 +125,9 @@ def one_thread():
 
     # Two shared cores: OpenMP's second thread mostly waits on other processes here.
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_torch_threads(1)
     yield
-    torch.set_num_threads(before)
+    set_torch_threads(before)
 
 
 @pytest.fixture(scope="module")

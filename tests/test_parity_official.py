@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from brainloop.threads import set_torch_threads
 from reward_workers import release as rel
 from reward_workers.binning import audio_chunks, bin_word_features, place_frames, upstream_timeline
 from reward_workers.word_context import load_splitter, sentence_extents, word_contexts
@@ -57,9 +58,9 @@ def extractors():
     from reward_workers.text_features import TextFeatureExtractor
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_torch_threads(1)
     yield {v: TextFeatureExtractor(str(FX / "model"), cache_n_layers=c) for v, c in VARIANTS.items()}
-    torch.set_num_threads(before)
+    set_torch_threads(before)
 
 
 def _contexts(tl_words):
@@ -269,11 +270,11 @@ def pipelines(releases):
     from reward_workers.pipeline import TribePipeline
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_torch_threads(1)
     yield {v: TribePipeline.from_release(d, audio_model="embedded:small",
                                          pipeline={"spacy_model": "sentencizer", "torch_threads": None})
            for v, d in releases.items()}
-    torch.set_num_threads(before)
+    set_torch_threads(before)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -348,9 +349,9 @@ def speech_pipeline(tmp_path_factory):
     config = rel.embedded_release_config(str(FX / "model"), str(audio_dir), enc["brain_model_config"], 20)
     release = rel.build_embedded_release(tmp_path_factory.mktemp("release"), config, enc, seed=3)
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    set_torch_threads(1)
     yield TribePipeline.from_release(release, pipeline={"spacy_model": "sentencizer", "torch_threads": None})
-    torch.set_num_threads(before)
+    set_torch_threads(before)
 
 
 @pytest.mark.parametrize("rate", [16000, 22050])
