@@ -61,7 +61,16 @@ def eos_token_ids(tokenizer: Any, model_path: str) -> frozenset[int]:
 
 
 class VllmEngine:
-    """vLLM ``LLM`` in-process, LoRA enabled, raw (temperature-1) log-probs."""
+    """vLLM ``LLM`` in-process, raw (temperature-1) log-probs, adapters served one of two ways.
+
+    With vLLM's LoRA (``cpu_lora_ops`` "grouped" or "vllm" on CPU; always on a GPU) each version is
+    a ``LoRARequest`` and vLLM applies its factors on every adapted projection. With
+    ``cpu_lora_ops="merged"`` on CPU the engine is built without LoRA and the version a call uses
+    is written into the weights as ``W + scale * B @ A`` (``actors.lora_merge``) when it differs
+    from the last call's, after which the prefix cache is cleared (its keys do not know the
+    weights changed). Calls run one at a time (the Sampler actor), so one set of weights serves
+    each call.
+    """
 
     def __init__(
         self,
@@ -76,11 +85,11 @@ class VllmEngine:
         gpu_memory_utilization: float,
         kv_cache_bytes: int | None,
         enforce_eager: bool | None,
-        cpu_lora_ops: str = "grouped",
+        cpu_lora_ops: str = "merged",
     ) -> None:
         from actors import vllm_cpu_lora
 
-        vllm_cpu_lora.check_ops(cpu_lora_ops)  # on GPU too, where the ops are never swapped
+        vllm_cpu_lora.check_ops(cpu_lora_ops)  # on GPU too, where vLLM's LoRA always serves
         # In-process engine core: no extra processes to place or to leak, and on CPU the only mode
         # that works reliably inside a Ray actor. Must be set before vLLM reads its env.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -88,6 +97,10 @@ class VllmEngine:
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
+        self.merged = on_cpu and cpu_lora_ops == "merged"
+        if self.merged and dtype != "float32":
+            raise ValueError(f"sampler.cpu_lora_ops: merged needs policy dtype float32, got {dtype}: in lower "
+                             "precision W + BA rounds away small adapter updates (use grouped)")
         if on_cpu:
             if cpu_threads:
                 # In-process, vLLM-CPU keeps the torch thread count it finds here (and then blocks
@@ -95,7 +108,8 @@ class VllmEngine:
                 # VLLM_CPU_OMP_THREADS_BIND only applies to its multiprocess executor. Inside a Ray
                 # actor OMP_NUM_THREADS = the actor's num_cpus.
                 set_torch_threads(cpu_threads)
-            vllm_cpu_lora.use(cpu_lora_ops)
+            if not self.merged:
+                vllm_cpu_lora.use(cpu_lora_ops)
             if kv_cache_bytes is None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
                 kv_cache_bytes = DEFAULT_CPU_KV_CACHE_BYTES
         self._path = model_path
@@ -103,25 +117,34 @@ class VllmEngine:
             "dtype": dtype,
             "seed": seed,
             "max_model_len": max_model_len,
-            "enable_lora": True,
-            "max_lora_rank": max_lora_rank,
-            "max_loras": max_loaded_adapters,
-            # One spare CPU slot: a new version loads before the oldest is evicted.
-            "max_cpu_loras": max_loaded_adapters + 1,
             "logprobs_mode": "raw_logprobs",
             "gpu_memory_utilization": gpu_memory_utilization,
             # torch.compile on a 2-core CPU costs minutes; eager is the sane CPU default.
             "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
         }
+        if not self.merged:
+            kwargs |= {
+                "enable_lora": True,
+                "max_lora_rank": max_lora_rank,
+                "max_loras": max_loaded_adapters,
+                # One spare CPU slot: a new version loads before the oldest is evicted.
+                "max_cpu_loras": max_loaded_adapters + 1,
+            }
         if kv_cache_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_bytes)
         with preserved_global_rng():  # LLM(seed=) reseeds the caller's global RNGs in-process
             self.llm = LLM(model_path, **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.eos_ids = eos_token_ids(self.tokenizer, model_path)
-        self._lora: dict[int, Any] = {}  # version -> LoRARequest
+        self._lora: dict[int, Any] = {}  # version -> LoRARequest, or LoraAdapter when merged
+        self._layout: dict[str, list[str]] = {}  # merged: engine module -> base modules of its shards
+        self._base: dict[str, Any] = {}  # merged: base module -> its float32 weight from the checkpoint
+        self.active_version = 0  # merged: the version whose weights the engine holds
 
     def add_adapter(self, version: int, name: str, path: str) -> None:
+        if self.merged:
+            self._add_merged(version, path)
+            return
         from vllm.lora.request import LoRARequest
 
         request = LoRARequest(lora_name=name, lora_int_id=version, lora_path=path)
@@ -132,11 +155,52 @@ class VllmEngine:
         self._lora[version] = request
 
     def remove_adapter(self, version: int, name: str) -> None:
-        self.llm.llm_engine.remove_lora(version)
+        if not self.merged:
+            self.llm.llm_engine.remove_lora(version)
         self._lora.pop(version, None)
 
+    def loaded_versions(self) -> set[int]:
+        """The adapter versions the engine can serve (vLLM's LoRA ids, or the merged adapters)."""
+        return set(self._lora) if self.merged else set(self.llm.llm_engine.list_loras())
+
     def _request(self, version: int) -> Any:
+        """The LoRARequest for ``version`` (None: the weights serve it); merged: put its weights in."""
+        if self.merged:
+            self._activate(version)
+            return None
         return self._lora[version] if version else None
+
+    # ---- merged adapters (CPU) ------------------------------------------------------------------
+    def _add_merged(self, version: int, path: str) -> None:
+        """Read an adapter and check every module it adapts is a plain linear layer of the engine."""
+        from actors import lora_merge
+
+        adapter = lora_merge.read_peft_adapter(path)
+        packed = self.llm.apply_model(lambda model: dict(getattr(model, "packed_modules_mapping", {})))[0]
+        layout = lora_merge.engine_modules(sorted(adapter.factors), packed)
+        missing = [part for parts in layout.values() for part in parts if part not in self._base]
+        self._base.update(_checkpoint_weights(self._path, missing))
+        problems = self.llm.apply_model(lambda model: [_unmergeable(model, name) for name in layout])[0]
+        if any(problems):
+            raise ValueError(f"adapter {path} cannot be merged: " + "; ".join(p for p in problems if p)
+                             + " (sampler.cpu_lora_ops: grouped serves it with vLLM's LoRA)")
+        lora_merge.packed_weights(self._base, adapter, layout)  # shape errors now, not at the next call
+        self._layout.update(layout)
+        self._lora[version] = adapter
+
+    def _activate(self, version: int) -> None:
+        """Put ``version``'s merged weights (0: the base model's) into the engine's layers."""
+        from actors import lora_merge
+
+        if version == self.active_version:
+            return
+        if version and version not in self._lora:
+            raise KeyError(f"adapter version {version} is not loaded")
+        weights = lora_merge.packed_weights(self._base, self._lora.get(version), self._layout)
+        self.llm.apply_model(lambda model: _install_weights(model, weights))
+        self.active_version = version
+        if not self.llm.reset_prefix_cache():  # cached prompt keys/values were computed with the old weights
+            raise RuntimeError("vLLM could not reset its prefix cache after an adapter change")
 
     def generate(
         self,
@@ -210,6 +274,52 @@ class VllmEngine:
             destroy_distributed_environment()
         except Exception:  # best-effort cleanup of an in-process engine
             pass
+
+
+def _checkpoint_weights(model_path: str, modules: list[str]) -> dict[str, Any]:
+    """``{module: weight}`` for linear modules of a safetensors checkpoint, as float32."""
+    import torch
+    from safetensors import safe_open
+
+    wanted = {f"{m}.weight": m for m in modules}
+    out: dict[str, Any] = {}
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in wanted.keys() & set(handle.keys()):
+                out[wanted[key]] = handle.get_tensor(key).to(torch.float32)
+    if len(out) != len(wanted):
+        raise ValueError(f"{model_path}: no weight for {sorted(set(wanted.values()) - set(out))[:3]} in its "
+                         "safetensors files (merged adapters read the base weights from there)")
+    return out
+
+
+def _unmergeable(model: Any, name: str) -> str:
+    """Why the engine's module ``name`` cannot take a merged weight ('' if it can)."""
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        return f"{name} is not a module of the engine's {type(model).__name__}"
+    if not isinstance(layer, LinearBase) or not isinstance(layer.quant_method, UnquantizedLinearMethod):
+        return f"{name} is not an unquantized linear layer ({type(layer).__name__})"
+    if getattr(layer, "tp_size", 1) != 1:
+        return f"{name} is split over {layer.tp_size} tensor-parallel ranks"
+    return ""
+
+
+def _install_weights(model: Any, weights: dict[str, Any]) -> None:
+    """Give each named linear layer a new weight and let vLLM prepare it as at load time (on CPU:
+    packed for oneDNN, the plain tensor dropped)."""
+    import torch
+
+    for name, weight in weights.items():
+        layer = model.get_submodule(name)
+        expected = (layer.output_size_per_partition, layer.input_size_per_partition)
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"merged weight for {name} is {tuple(weight.shape)}, the layer takes {expected}")
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+        layer.quant_method.process_weights_after_loading(layer)
 
 
 class TransformersEngine:

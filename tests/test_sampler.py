@@ -1,7 +1,8 @@
 """Tests for the sampler actor (actors/sampler.py, actors/engines.py).
 
 Real engines on SmolLM2-135M-Instruct (offline, ``pkg:smollm2-135m-instruct``), kept small
-(n=2, 16 tokens). One vLLM engine runs in-process (module fixture), one inside a Ray actor.
+(n=2, 16 tokens). Two vLLM engines run in-process (module fixtures: adapters merged into the weights,
+the default on CPU, and vLLM's LoRA with the grouped ops), one inside a Ray actor.
 """
 
 from __future__ import annotations
@@ -170,13 +171,22 @@ def vllm_sampler(model_path: str):
 
 
 @pytest.fixture(scope="module")
+def vllm_lora_sampler(model_path: str):
+    """In-process vLLM sampler serving adapters with vLLM's LoRA layers (the grouped CPU ops)."""
+    sampler = Sampler(MODEL, engine="vllm", max_model_len=512, max_loaded_adapters=2, seed=7, cpu_threads=1,
+                      cpu_lora_ops="grouped")
+    yield sampler
+    sampler.close()
+
+
+@pytest.fixture(scope="module")
 def transformers_sampler(model_path: str):
     sampler = Sampler(MODEL, engine="transformers", max_model_len=512, max_loaded_adapters=2, cpu_threads=1)
     yield sampler
     sampler.close()
 
 
-@pytest.fixture(params=["vllm", "transformers"])
+@pytest.fixture(params=["vllm", "vllm_lora", "transformers"])
 def sampler(request: pytest.FixtureRequest) -> Sampler:
     return request.getfixturevalue(f"{request.param}_sampler")
 
@@ -321,7 +331,7 @@ def test_adapters_scores_versions_eviction(sampler: Sampler, hf_base, adapters: 
     assert not (sampler._adapter_root / adapter_name(1)).exists()  # evicted copy deleted
     assert (sampler._adapter_root / adapter_name(3)).is_dir()
     if sampler.engine_name == "vllm":
-        assert sampler._engine.llm.llm_engine.list_loras() == {2, 3}
+        assert sampler._engine.loaded_versions() == {2, 3}
     else:
         assert set(sampler._engine.peft.peft_config) == {"policy-v2", "policy-v3"}
     v2, v3 = (np.array(sampler.score(prompt, completion, v)) for v in (2, 3))
@@ -338,22 +348,72 @@ def test_adapters_scores_versions_eviction(sampler: Sampler, hf_base, adapters: 
     assert sampler.loaded_versions() == [2, 3]
 
 
-def test_vllm_grouped_lora_ops_sample_as_vllms_own(vllm_sampler: Sampler, adapters: dict[int, Path]) -> None:
+def test_vllm_grouped_lora_ops_sample_as_vllms_own(vllm_lora_sampler: Sampler, adapters: dict[int, Path]) -> None:
     """Same seed, same adapter: vLLM-CPU's own LoRA ops and the grouped ones give the same samples."""
     from actors import vllm_cpu_lora
 
-    if vllm_sampler.current_version() == 0:  # run alone; in file order v2, v3 are loaded by now
-        vllm_sampler.load_adapter(1, str(adapters[1]))
+    if vllm_lora_sampler.current_version() == 0:  # run alone; in file order v2, v3 are loaded by now
+        vllm_lora_sampler.load_adapter(1, str(adapters[1]))
     outs = {}
     try:
         for ops in ("vllm", "grouped"):
             vllm_cpu_lora.use(ops)
-            outs[ops] = vllm_sampler.generate(PROMPTS, n=2, max_new_tokens=16, temperature=1.0, seed=21)
+            outs[ops] = vllm_lora_sampler.generate(PROMPTS, n=2, max_new_tokens=16, temperature=1.0, seed=21)
     finally:
         vllm_cpu_lora.use("grouped")
     pairs = [(a, b) for ra, rb in zip(outs["vllm"], outs["grouped"], strict=True) for a, b in zip(ra, rb, strict=True)]
     assert all(a.token_ids == b.token_ids for a, b in pairs)
     assert max(abs(x - y) for a, b in pairs for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+
+
+def _same_samples(a: list[list[Completion]], b: list[list[Completion]], tol: float) -> None:
+    pairs = [(x, y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)]
+    assert all(x.token_ids == y.token_ids for x, y in pairs)
+    assert max(abs(p - q) for x, y in pairs for p, q in zip(x.logprobs, y.logprobs, strict=True)) <= tol
+
+
+def test_merged_adapters_sample_as_vllms_lora(vllm_sampler: Sampler, vllm_lora_sampler: Sampler,
+                                              adapters: dict[int, Path]) -> None:
+    """An adapter merged into the weights samples as vLLM's LoRA serves it (same seed: same tokens,
+    log-probs within 1e-4), and switching versions puts the right weights back each time: the base
+    model after an adapter (a stale prefix cache or weight would show here), the adapter again after
+    the base model, bit for bit."""
+    assert vllm_sampler._engine.merged and not vllm_lora_sampler._engine.merged
+    for sampler in (vllm_sampler, vllm_lora_sampler):
+        sampler.load_adapter(sampler.current_version() + 1, str(adapters[1]))  # newer whatever ran before
+
+    def both(version_of: dict) -> list:
+        return [s.generate(PROMPTS, n=2, max_new_tokens=16, temperature=1.0, seed=33, version=version_of[id(s)])
+                for s in (vllm_sampler, vllm_lora_sampler)]
+
+    newest = {id(s): s.current_version() for s in (vllm_sampler, vllm_lora_sampler)}
+    merged, lora = both(newest)
+    _same_samples(merged, lora, 1e-4)
+    base_merged, base_lora = both({key: 0 for key in newest})
+    _same_samples(base_merged, base_lora, 1e-4)
+    assert any(x.token_ids != y.token_ids for rx, ry in zip(merged, base_merged, strict=True)
+               for x, y in zip(rx, ry, strict=True))
+    again, _ = both(newest)
+    _same_samples(again, merged, 0.0)
+    completion = merged[0][0].token_ids
+    score = vllm_sampler.score(PROMPTS[0], completion, vllm_sampler.current_version())
+    assert max(abs(p - q) for p, q in zip(score, merged[0][0].logprobs, strict=True)) < 1e-4
+
+
+def test_merged_adapter_refused_with_a_clear_error(vllm_sampler: Sampler, tmp_path: Path, hf_base) -> None:
+    """An adapter on a module that is not a plain linear layer of the engine is refused at load
+    time; the versions loaded before keep serving."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with preserved_global_rng():
+        model = AutoModelForCausalLM.from_config(hf_base[0].config)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["lm_head"]))
+    peft_model.save_pretrained(str(tmp_path / "head"))
+    before = vllm_sampler.loaded_versions()
+    with pytest.raises(ValueError, match="lm_head"):
+        vllm_sampler.load_adapter(vllm_sampler.current_version() + 1, str(tmp_path / "head"))
+    assert vllm_sampler.loaded_versions() == before
 
 
 def test_generate_threads_for_one_call(sampler: Sampler, monkeypatch) -> None:
