@@ -184,7 +184,8 @@ class VllmEngine:
         if any(problems):
             raise ValueError(f"adapter {path} cannot be merged: " + "; ".join(p for p in problems if p)
                              + " (sampler.cpu_lora_ops: grouped serves it with vLLM's LoRA)")
-        lora_merge.packed_weights(self._base, adapter, layout)  # shape errors now, not at the next call
+        for module, (a, b) in adapter.factors.items():  # shape errors now, not at the next call
+            lora_merge.check_fits(self._base[module], a, b)
         self._layout.update(layout)
         self._lora[version] = adapter
 

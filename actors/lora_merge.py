@@ -90,14 +90,19 @@ def read_peft_adapter(directory: str | Path) -> LoraAdapter:
     return LoraAdapter(factors, scale)
 
 
-def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``weight + scale * b @ a`` in float32 (a new tensor; ``weight`` is left as it is)."""
+def check_fits(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Raise a clear error unless ``weight + scale * b @ a`` can be formed in float32."""
     if weight.dtype != torch.float32:
         raise ValueError(f"merged adapters need float32 weights, got {weight.dtype}: in lower precision "
                          "W + BA rounds away small updates (use sampler.cpu_lora_ops: grouped)")
     if weight.shape != (b.shape[0], a.shape[1]):
         raise ValueError(f"adapter factors {tuple(b.shape)} @ {tuple(a.shape)} do not fit a weight of "
                          f"shape {tuple(weight.shape)}")
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """``weight + scale * b @ a`` in float32 (a new tensor; ``weight`` is left as it is)."""
+    check_fits(weight, a, b)
     return torch.addmm(weight, b.to(weight.dtype), a.to(weight.dtype), alpha=scale)
 
 

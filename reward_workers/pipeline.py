@@ -65,7 +65,6 @@ class TribePipeline:
     """Our implementation of the TRIBE v2 text path, stage by stage, configured by a release."""
 
     def __init__(self, pipeline: dict, spec: dict | RewardSpec, use_cache: bool = True) -> None:
-
         from reward_workers import release as rel
         from reward_workers.word_context import load_splitter
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brainloop.threads import set_torch_threads
+from brainloop.threads import torch_threads
 from reward_workers.binning import (
     bin_word_features,
     layer_group_bounds,
@@ -121,13 +121,9 @@ def test_resample_nearest_hand_case() -> None:
 # ---- text features -----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def one_thread():
-    import torch
-
     # Two shared cores: OpenMP's second thread mostly waits on other processes here.
-    before = torch.get_num_threads()
-    set_torch_threads(1)
-    yield
-    set_torch_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from brainloop.config import load_config
-from brainloop.threads import set_torch_threads
+from brainloop.threads import torch_threads
 from brainloop.types import TrainGroup, TrainSample
 from learner.learner import Learner
 
@@ -54,18 +54,15 @@ def test_update_threads_for_one_update():
     """``cpu_threads`` (learner.cpu_threads_alone in synchronous mode) applies to one update only and
     is reported; the update is the one-thread update up to float reordering."""
     cfg = load_config(CONFIG)
-    before = torch.get_num_threads()
-    set_torch_threads(1)  # not torch.set_num_threads: a vLLM-CPU engine in this process may have blocked it
-    try:
-        results = {}
+    results = {}
+    # torch_threads, not torch.set_num_threads: a vLLM-CPU engine in this process may have blocked it
+    with torch_threads(1):
         for threads in (None, 2):
             learner = Learner(cfg.policy.model_dump(), cfg.learner.model_dump(), 10, 0, cfg.algo.model_dump())
             stats = learner.update(_groups(), cpu_threads=threads)
             assert torch.get_num_threads() == 1
             results[threads] = (stats, {n: p.grad.detach().clone() for n, p in learner.model.named_parameters()
                                         if p.requires_grad})
-    finally:
-        set_torch_threads(before)
     (one, one_grads), (two, two_grads) = results[None], results[2]
     assert (one["update_threads"], two["update_threads"]) == (1, 2)
     for key in ("loss", "kl_per_token", "ce", "grad_norm"):

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from brainloop.threads import set_torch_threads
+from brainloop.threads import torch_threads
 from reward_workers import release as rel
 from reward_workers.binning import audio_chunks, bin_word_features, place_frames, upstream_timeline
 from reward_workers.word_context import load_splitter, sentence_extents, word_contexts
@@ -57,10 +57,8 @@ def fixture():
 def extractors():
     from reward_workers.text_features import TextFeatureExtractor
 
-    before = torch.get_num_threads()
-    set_torch_threads(1)
-    yield {v: TextFeatureExtractor(str(FX / "model"), cache_n_layers=c) for v, c in VARIANTS.items()}
-    set_torch_threads(before)
+    with torch_threads(1):
+        yield {v: TextFeatureExtractor(str(FX / "model"), cache_n_layers=c) for v, c in VARIANTS.items()}
 
 
 def _contexts(tl_words):
@@ -269,12 +267,10 @@ def test_checkpoint_round_trip(releases):
 def pipelines(releases):
     from reward_workers.pipeline import TribePipeline
 
-    before = torch.get_num_threads()
-    set_torch_threads(1)
-    yield {v: TribePipeline.from_release(d, audio_model="embedded:small",
-                                         pipeline={"spacy_model": "sentencizer", "torch_threads": None})
-           for v, d in releases.items()}
-    set_torch_threads(before)
+    with torch_threads(1):
+        yield {v: TribePipeline.from_release(d, audio_model="embedded:small",
+                                             pipeline={"spacy_model": "sentencizer", "torch_threads": None})
+               for v, d in releases.items()}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -348,10 +344,8 @@ def speech_pipeline(tmp_path_factory):
     enc = embedded_encoder_config({"text": (2, 32), "audio": (2, 64)}, hidden=96, depth=1, heads=3, low_rank_head=16)
     config = rel.embedded_release_config(str(FX / "model"), str(audio_dir), enc["brain_model_config"], 20)
     release = rel.build_embedded_release(tmp_path_factory.mktemp("release"), config, enc, seed=3)
-    before = torch.get_num_threads()
-    set_torch_threads(1)
-    yield TribePipeline.from_release(release, pipeline={"spacy_model": "sentencizer", "torch_threads": None})
-    set_torch_threads(before)
+    with torch_threads(1):
+        yield TribePipeline.from_release(release, pipeline={"spacy_model": "sentencizer", "torch_threads": None})
 
 
 @pytest.mark.parametrize("rate", [16000, 22050])
